@@ -1,0 +1,259 @@
+"""The FLoRA adapter folder format: read, validate and write it (torch + safetensors, no vLLM).
+
+A folder holds `adapter_config.json` ({"peft_type": "FLORA", "r", "flora_alpha", "target_modules",
+"base_model_name_or_path"}) and `flora_model.safetensors` with, per adapted linear module at
+transformers path P, `base_model.model.P.flora_A.weight` [r, in] and `...flora_B.weight` [out, r].
+The adapted weight is W0 ∘ ((flora_alpha / r) · B @ A); all-ones factors with alpha 1 are the base.
+Every problem found is collected and reported at once, with the adapter, module and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "flora_model.safetensors"
+PEFT_TYPE = "FLORA"
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.flora_(?P<ab>[AB])\.weight$")
+
+
+class FLoRAAdapterError(ValueError):
+    """A FLoRA adapter folder that cannot be served; the message lists every problem."""
+
+    def __init__(self, adapter: str, problems: list[str]):
+        self.adapter = adapter
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"Invalid adapter {adapter}: {len(problems)} problem(s):\n{lines}")
+
+
+class FLoRAAdapterNotFoundError(FileNotFoundError):
+    """The adapter folder (or its config) does not exist."""
+
+
+@dataclass
+class FLoRAAdapterConfig:
+    """`adapter_config.json` of a FLoRA adapter."""
+
+    r: int
+    target_modules: list[str]
+    flora_alpha: float = 1.0
+    base_model_name_or_path: str = ""
+    peft_type: str = PEFT_TYPE
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        """The factor folded into B: flora_alpha / r."""
+        return self.flora_alpha / self.r
+
+    def to_dict(self) -> dict:
+        return {
+            "peft_type": self.peft_type,
+            "r": self.r,
+            "flora_alpha": self.flora_alpha,
+            "target_modules": list(self.target_modules),
+            "base_model_name_or_path": self.base_model_name_or_path,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping, adapter: str = "<adapter>") -> FLoRAAdapterConfig:
+        """Check every field; raise one FLoRAAdapterError naming all that are wrong."""
+        problems = []
+        if raw.get("peft_type") != PEFT_TYPE:
+            problems.append(f"peft_type is {raw.get('peft_type')!r}, expected {PEFT_TYPE!r}")
+        r = raw.get("r")
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            problems.append(f"`r` must be a positive integer, got {r!r}")
+        alpha = raw.get("flora_alpha", 1.0)
+        if (
+            not isinstance(alpha, (int, float))
+            or isinstance(alpha, bool)
+            or not math.isfinite(alpha)
+            or alpha == 0
+        ):
+            problems.append(f"`flora_alpha` must be a finite non-zero number, got {alpha!r}")
+        targets = raw.get("target_modules")
+        if isinstance(targets, str):
+            targets = [targets]
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) and t for t in targets)
+        ):
+            problems.append(f"`target_modules` must be a non-empty list of names, got {targets!r}")
+        base = raw.get("base_model_name_or_path", "") or ""
+        if not isinstance(base, str):
+            problems.append(f"`base_model_name_or_path` must be a string, got {base!r}")
+        if problems:
+            raise FLoRAAdapterError(adapter, problems)
+        known = {"peft_type", "r", "flora_alpha", "target_modules", "base_model_name_or_path"}
+        extra = {k: v for k, v in raw.items() if k not in known}
+        return cls(r, list(targets), float(alpha), base, PEFT_TYPE, extra)
+
+
+def read_peft_type(adapter_dir: str) -> str | None:
+    """peft_type named by a folder's adapter_config.json (None if absent or unreadable)."""
+    try:
+        with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return raw.get("peft_type") if isinstance(raw, dict) else None
+
+
+def load_config(adapter_dir: str) -> FLoRAAdapterConfig:
+    """Read and check `adapter_config.json`."""
+    path = os.path.join(adapter_dir, CONFIG_NAME)
+    if not os.path.isdir(adapter_dir) or not os.path.isfile(path):
+        raise FLoRAAdapterNotFoundError(f"No FLoRA adapter config at {path}")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FLoRAAdapterError(adapter_dir, [f"{CONFIG_NAME} is not valid JSON: {e}"]) from e
+    if not isinstance(raw, dict):
+        raise FLoRAAdapterError(adapter_dir, [f"{CONFIG_NAME} must hold a JSON object"])
+    return FLoRAAdapterConfig.from_dict(raw, adapter_dir)
+
+
+@dataclass
+class FLoRAModuleWeights:
+    """Factors of one adapted linear module: a [r, in], b [out, r] with the scale folded in."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def load_adapter(
+    adapter_dir: str,
+    module_shapes: Mapping[str, tuple[int, int]],
+    max_rank: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    map_name: Callable[[str], str | None] | None = None,
+) -> tuple[FLoRAAdapterConfig, dict[str, FLoRAModuleWeights]]:
+    """Read a FLoRA folder and check it against the model before anything is served.
+
+    Args:
+        adapter_dir: the adapter folder.
+        module_shapes: transformers module path -> (out_features, in_features) of every linear
+            module of the model that FLoRA can adapt (e.g. "model.layers.0.self_attn.q_proj").
+        max_rank: the server's rank limit (vLLM's --max-lora-rank); None for no limit.
+        dtype: dtype of the returned factors.
+        map_name: maps a module path of the file to the model's module name (None = same).
+    Returns:
+        The config and, per module path, its factors with `flora_alpha / r` folded into b.
+    Raises:
+        FLoRAAdapterNotFoundError when the folder or config is missing; FLoRAAdapterError listing
+        every problem otherwise (bad config, missing/corrupt weights, unknown or unadaptable
+        modules, wrong shapes or dtypes, non-finite values, modules left out, rank too large).
+    """
+    cfg = load_config(adapter_dir)
+    problems: list[str] = []
+    if max_rank is not None and cfg.r > max_rank:
+        problems.append(
+            f"rank {cfg.r} > --max-lora-rank {max_rank}; restart the server with "
+            f"--max-lora-rank >= {cfg.r} (vLLM allows 1, 8, 16, 32, 64, ...)"
+        )
+    short_names = {p.rsplit(".", 1)[-1] for p in module_shapes}
+    for t in cfg.target_modules:
+        if t not in short_names:
+            problems.append(
+                f"target module {t!r} is not a FLoRA-adaptable linear module of this model "
+                f"(adaptable: {sorted(short_names)})"
+            )
+    weights_path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        problems.append(f"missing weights file {WEIGHTS_NAME}")
+        raise FLoRAAdapterError(adapter_dir, problems)
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        problems.append(f"{WEIGHTS_NAME} is not a readable safetensors file: {e}")
+        raise FLoRAAdapterError(adapter_dir, problems) from e
+
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            problems.append(
+                f"unexpected tensor {key!r}: names must be "
+                "base_model.model.<module path>.flora_A.weight / .flora_B.weight"
+            )
+            continue
+        path, ab = m["path"], m["ab"]
+        path = (map_name(path) if map_name else path) or m["path"]
+        if path not in module_shapes:
+            problems.append(f"module {path!r} is not an adaptable linear module of this model")
+            continue
+        if path.rsplit(".", 1)[-1] not in cfg.target_modules:
+            problems.append(f"module {path!r} has weights but is not in target_modules")
+            continue
+        found.setdefault(path, {})[ab] = t
+
+    result: dict[str, FLoRAModuleWeights] = {}
+    for path, (out_f, in_f) in module_shapes.items():
+        if path.rsplit(".", 1)[-1] not in cfg.target_modules:
+            continue
+        pair = found.get(path, {})
+        missing = [ab for ab in "AB" if ab not in pair]
+        if missing:
+            problems.append(
+                f"module {path!r} is targeted but flora_{'/'.join(missing)} is missing "
+                "(every targeted module needs both factors; none may be left unadapted)"
+            )
+            continue
+        a, b = pair["A"], pair["B"]
+        bad = False
+        for name, t, want in (("A", a, (cfg.r, in_f)), ("B", b, (out_f, cfg.r))):
+            if not t.is_floating_point():
+                problems.append(f"{path}.flora_{name} has dtype {t.dtype}, expected a float type")
+                bad = True
+            elif tuple(t.shape) != want:
+                problems.append(
+                    f"{path}.flora_{name} has shape {list(t.shape)}, expected {list(want)} "
+                    f"(r={cfg.r})"
+                )
+                bad = True
+            elif not bool(torch.isfinite(t).all()):
+                problems.append(f"{path}.flora_{name} holds NaN or inf values")
+                bad = True
+        if not bad:
+            result[path] = FLoRAModuleWeights(
+                a=a.to(torch.float32).to(dtype).contiguous(),
+                b=(b.to(torch.float32) * cfg.scale).to(dtype).contiguous(),
+            )
+    if problems:
+        raise FLoRAAdapterError(adapter_dir, problems)
+    return cfg, result
+
+
+def save_adapter(
+    adapter_dir: str,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    r: int,
+    flora_alpha: float = 1.0,
+    base_model_name_or_path: str = "",
+) -> None:
+    """Write a FLoRA folder from module path -> (A [r, in], B [out, r]) (unscaled factors)."""
+    os.makedirs(adapter_dir, exist_ok=True)
+    targets = sorted({p.rsplit(".", 1)[-1] for p in factors})
+    cfg = FLoRAAdapterConfig(r, targets, flora_alpha, base_model_name_or_path)
+    with open(os.path.join(adapter_dir, CONFIG_NAME), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    tensors = {}
+    for path, (a, b) in factors.items():
+        tensors[f"base_model.model.{path}.flora_A.weight"] = a.detach().contiguous().cpu()
+        tensors[f"base_model.model.{path}.flora_B.weight"] = b.detach().contiguous().cpu()
+    save_file(tensors, os.path.join(adapter_dir, WEIGHTS_NAME))

@@ -1,0 +1,194 @@
+"""vLLM linear LoRA layers that also serve FLoRA adapters, slot by slot.
+
+Each `<Base>WithFLoRA` extends vLLM's own `<Base>WithLoRA`: a slot holds either a LoRA adapter
+(vLLM's stacked A/B, applied by punica on top of the output) or a FLoRA adapter (our stacked
+scalings, applied inside the base matmul by `ops.torch_ops.flora_linear`), never both: the
+manager resets the other kind when it fills a slot. Plain tokens (slot -1) get the base output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from vllm.config.lora import LoRAConfig
+from vllm.lora.layers import (
+    ColumnParallelLinearWithLoRA,
+    MergedColumnParallelLinearWithLoRA,
+    MergedQKVParallelLinearWithLoRA,
+    QKVParallelLinearWithLoRA,
+    RowParallelLinearWithLoRA,
+)
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+from flora_vllm.ops.torch_ops import flora_linear
+
+
+class FLoRALinearMixin:
+    """Shared FLoRA verbs (`set_flora`, `reset_flora`) and the mixed-batch `apply`."""
+
+    flora_a: list[torch.Tensor]  # per slice [max_loras, R, in_partition]
+    flora_b: list[torch.Tensor]  # per slice [max_loras, R, out_slice] (B^T, scale folded)
+    flora_ranks: torch.Tensor  # [max_loras, n_slices] int64, 0 = no FLoRA in that slot/slice
+    _flora_slots: set[int]
+
+    def create_lora_weights(
+        self,
+        max_loras: int,
+        lora_config: LoRAConfig,
+        model_config: PretrainedConfig | None = None,
+    ) -> None:
+        super().create_lora_weights(max_loras, lora_config, model_config)
+        weight = self.base_layer.weight
+        if weight.numel() == 0:
+            raise RuntimeError(
+                f"FLoRA needs the unpacked base weight of {self.base_layer.prefix}, but vLLM "
+                "freed it after packing it for its CPU GEMM; the flora_vllm plugin hook on "
+                "UnquantizedLinearMethod.process_weights_after_loading did not run."
+            )
+        rank = lora_config.max_lora_rank
+        dt, dev = weight.dtype, weight.device
+        in_size = weight.shape[1]
+        self.flora_a = [
+            torch.zeros(max_loras, rank, in_size, dtype=dt, device=dev)
+            for _ in self.output_slices
+        ]
+        self.flora_b = [
+            torch.zeros(max_loras, rank, out, dtype=dt, device=dev) for out in self.output_slices
+        ]
+        self.flora_ranks = torch.zeros(
+            max_loras, len(self.output_slices), dtype=torch.long, device=dev
+        )
+        self._flora_slots = set()
+
+    def flora_full_shapes(self) -> list[tuple[int, int]]:
+        """(out_features, in_features) per slice as the adapter file stores them (unsharded)."""
+        raise NotImplementedError
+
+    def reset_flora(self, index: int) -> None:
+        """Forget the FLoRA adapter of slot `index` (its tokens then see the base weight)."""
+        self.flora_ranks[index] = 0
+        for a, b in zip(self.flora_a, self.flora_b):
+            a[index] = 0
+            b[index] = 0
+        self._flora_slots.discard(index)
+
+    def set_flora(
+        self,
+        index: int,
+        a: list[torch.Tensor | None],
+        b: list[torch.Tensor | None],
+    ) -> None:
+        """Put one adapter's factors (a [r, in], b [out, r], per slice; None = not adapted)
+        into slot `index`, sharded like vLLM shards LoRA for tensor parallelism."""
+        self.reset_flora(index)
+        if self.tp_size > 1:
+            if len(self.output_slices) == 1:
+                a, b = [self.slice_lora_a(a[0])], [self.slice_lora_b(b[0])]
+            else:
+                a, b = self.slice_lora_a(a), self.slice_lora_b(b)
+        for i, (a_i, b_i) in enumerate(zip(a, b)):
+            if a_i is None or b_i is None:
+                continue
+            r = a_i.shape[0]
+            self.flora_a[i][index, :r].copy_(a_i, non_blocking=True)
+            self.flora_b[i][index, :r].copy_(b_i.t(), non_blocking=True)
+            self.flora_ranks[index, i] = r
+        if any(a_i is not None for a_i in a):
+            self._flora_slots.add(index)
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not self._flora_slots:  # no FLoRA adapter resident: vLLM's own path, untouched
+            return super().apply(x, bias)
+        x2 = x.flatten(0, -2) if x.ndim == 3 else x  # [T, in]
+        n_tok = x2.shape[0]
+        slots = self.punica_wrapper.token_lora_indices[:n_tok]  # [T], -1 = no adapter
+        if slots.shape[0] < n_tok:  # padded tokens carry no adapter
+            pad = slots.new_full((n_tok - slots.shape[0],), -1)
+            slots = torch.cat([slots, pad])
+        weight = self.base_layer.weight  # [sum(output_slices), in]
+        outs, start = [], 0
+        for i, size in enumerate(self.output_slices):
+            outs.append(
+                flora_linear(
+                    x2,
+                    weight[start : start + size],
+                    None if bias is None else bias[start : start + size],
+                    slots,
+                    self.flora_a[i],
+                    self.flora_b[i],
+                    self.flora_ranks[:, i],
+                )
+            )
+            start += size
+        output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, out]
+        output = self._apply_lora_to_output(x2, output)  # LoRA slots (FLoRA slots hold zeros)
+        return output.reshape(*x.shape[:-1], output.shape[-1])
+
+    @classmethod
+    def can_replace_layer(
+        cls,
+        source_layer: nn.Module,
+        lora_config: LoRAConfig,
+        packed_modules_list: list,
+        model_config: PretrainedConfig | None = None,
+    ) -> bool:
+        """vLLM's rule for the parent class, restricted to unquantized weights."""
+        return isinstance(
+            getattr(source_layer, "quant_method", None), UnquantizedLinearMethod
+        ) and super().can_replace_layer(
+            source_layer=source_layer,
+            lora_config=lora_config,
+            packed_modules_list=packed_modules_list,
+            model_config=model_config,
+        )
+
+
+class ColumnParallelLinearWithFLoRA(FLoRALinearMixin, ColumnParallelLinearWithLoRA):
+    """One column-parallel weight (StarCoder `c_fc`)."""
+
+    def flora_full_shapes(self) -> list[tuple[int, int]]:
+        return [(self.base_layer.output_size, self.base_layer.input_size)]
+
+
+class MergedColumnParallelLinearWithFLoRA(FLoRALinearMixin, MergedColumnParallelLinearWithLoRA):
+    """Packed column weights, one FLoRA per slice (LLaMA `gate_up_proj` = gate + up)."""
+
+    def flora_full_shapes(self) -> list[tuple[int, int]]:
+        return [(out, self.base_layer.input_size) for out in self.base_layer.output_sizes]
+
+
+class QKVParallelLinearWithFLoRA(FLoRALinearMixin, QKVParallelLinearWithLoRA):
+    """A fused qkv weight that adapters treat as one module (StarCoder `c_attn`)."""
+
+    def flora_full_shapes(self) -> list[tuple[int, int]]:
+        out = self.q_proj_total_size + 2 * self.kv_proj_total_size
+        return [(out, self.base_layer.input_size)]
+
+
+class MergedQKVParallelLinearWithFLoRA(FLoRALinearMixin, MergedQKVParallelLinearWithLoRA):
+    """q, k, v packed into one weight, one FLoRA per slice (LLaMA `qkv_proj`)."""
+
+    def flora_full_shapes(self) -> list[tuple[int, int]]:
+        layer = self.base_layer
+        q = layer.total_num_heads * layer.head_size
+        kv = layer.total_num_kv_heads * layer.head_size
+        return [(q, layer.input_size), (kv, layer.input_size), (kv, layer.input_size)]
+
+
+class RowParallelLinearWithFLoRA(FLoRALinearMixin, RowParallelLinearWithLoRA):
+    """Row-parallel weight (`o_proj`, `down_proj`, StarCoder `c_proj`); the bias is added after
+    the all-reduce by vLLM, and Σ_k b_k ∘ (.) commutes with that sum over input shards."""
+
+    def flora_full_shapes(self) -> list[tuple[int, int]]:
+        return [(self.base_layer.output_size, self.base_layer.input_size)]
+
+
+# Order matters as in vllm.lora.utils._all_lora_classes: each is tried before vLLM's classes.
+FLORA_LAYER_CLASSES: tuple[type[FLoRALinearMixin], ...] = (
+    ColumnParallelLinearWithFLoRA,
+    MergedColumnParallelLinearWithFLoRA,
+    QKVParallelLinearWithFLoRA,
+    MergedQKVParallelLinearWithFLoRA,
+    RowParallelLinearWithFLoRA,
+)

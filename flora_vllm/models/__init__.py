@@ -1,0 +1,1 @@
+"""Native vLLM model implementations registered by the flora-vllm plugin."""

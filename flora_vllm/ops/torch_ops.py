@@ -1,0 +1,109 @@
+"""FLoRA math in plain torch (no vLLM import): the per-token batched form and its dense oracle.
+
+An adapter i turns a frozen weight W0 into W_i = W0 ∘ (B_i A_i) (element-wise; B_i already
+carries the `alpha / r` scale). Per token x_t served by adapter s_t of rank r_s this is
+
+    y_t = Σ_{k < r_s} B_s[:, k] ∘ (W0 (A_s[k] ∘ x_t)) + bias
+
+so a whole mixed batch costs ONE dense matmul of Σ_t max(r_{s_t}, 1) rows against W0: each
+FLoRA token contributes r_s rows (its input scaled by A_s[k]), each plain token one unscaled row.
+Identity factors (A = 1, B = 1, rank 1) give back the base output exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def expand_rows(
+    token_slots: torch.Tensor, slot_ranks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of the expanded matmul: which token and which rank component each row carries.
+
+    Args:
+        token_slots: [T] int, adapter slot per token, -1 for a plain (base or LoRA) token.
+        slot_ranks: [S] int, FLoRA rank of each slot, 0 where the slot holds no FLoRA here.
+    Returns:
+        row_token [R], row_k [R] and row_is_flora [R] (bool), R = Σ_t max(rank_t, 1).
+    """
+    in_range = token_slots >= 0
+    tok_rank = torch.where(in_range, slot_ranks[token_slots.clamp(min=0)], 0)  # [T]
+    n_rows = tok_rank.clamp(min=1)  # a plain token keeps exactly one row
+    row_token = torch.repeat_interleave(torch.arange(len(n_rows), device=n_rows.device), n_rows)
+    row_start = torch.cumsum(n_rows, 0) - n_rows  # [T] first row of each token
+    row_k = torch.arange(len(row_token), device=n_rows.device) - row_start[row_token]
+    row_is_flora = tok_rank[row_token] > 0
+    return row_token, row_k, row_is_flora
+
+
+def flora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    token_slots: torch.Tensor,
+    a_stacked: torch.Tensor,
+    b_stacked: torch.Tensor,
+    slot_ranks: torch.Tensor,
+) -> torch.Tensor:
+    """y = per-token FLoRA linear; plain tokens (slot -1 or rank 0) get x W0^T + bias.
+
+    Args:
+        x: [T, in] activations.
+        weight: [out, in] frozen base weight W0.
+        bias: [out] or None, added once per token (FLoRA leaves the bias unchanged).
+        token_slots: [T] int64 adapter slot per token, -1 for none.
+        a_stacked: [S, R, in] input scalings A per slot (rows >= the slot's rank unused).
+        b_stacked: [S, R, out] output scalings B^T per slot, `alpha / r` folded in.
+        slot_ranks: [S] int64 rank per slot; 0 = this slot is not FLoRA for this weight.
+    Returns:
+        [T, out]. Work follows each adapter's own rank, not the padded R.
+    """
+    row_token, row_k, row_is_flora = expand_rows(token_slots, slot_ranks)
+    if not bool(row_is_flora.any()):
+        return torch.nn.functional.linear(x, weight, bias)
+    if len(row_token) == len(token_slots):  # every FLoRA token is rank 1: no expansion needed
+        return _rank1_linear(x, weight, bias, token_slots, a_stacked, b_stacked, row_is_flora)
+
+    flora_rows = row_is_flora.nonzero().squeeze(1)  # [F]
+    flora_slot = token_slots[row_token[flora_rows]]  # [F]
+    flora_k = row_k[flora_rows]  # [F]
+
+    rows_x = x[row_token]  # [R, in]
+    rows_x[flora_rows] *= a_stacked[flora_slot, flora_k]  # input scaling a_k ∘ x
+    rows_y = torch.nn.functional.linear(rows_x, weight)  # [R, out]: the one shared matmul
+    rows_y[flora_rows] *= b_stacked[flora_slot, flora_k]  # output scaling b_k ∘ (.)
+    y = torch.zeros(x.shape[0], weight.shape[0], dtype=rows_y.dtype, device=rows_y.device)
+    y.index_add_(0, row_token, rows_y)  # Σ over each token's rank rows
+    if bias is not None:
+        y += bias
+    return y
+
+
+def _rank1_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    token_slots: torch.Tensor,
+    a_stacked: torch.Tensor,
+    b_stacked: torch.Tensor,
+    is_flora: torch.Tensor,
+) -> torch.Tensor:
+    """Rank-1 (or plain) tokens only: scale rows in place of expanding them, one matmul."""
+    flora_tok = is_flora.nonzero().squeeze(1)  # [F]
+    slots = token_slots[flora_tok]
+    x = x.clone()
+    x[flora_tok] *= a_stacked[slots, 0]
+    y = torch.nn.functional.linear(x, weight)  # [T, out]
+    y[flora_tok] *= b_stacked[slots, 0]
+    if bias is not None:
+        y += bias
+    return y
+
+
+def dense_flora_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The merged weight W0 ∘ (B @ A): the oracle the batched form must equal.
+
+    Args:
+        weight: [out, in]; a: [r, in]; b: [out, r] with the `alpha / r` scale folded in.
+    """
+    return weight * (b @ a)

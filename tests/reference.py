@@ -1,0 +1,63 @@
+"""The independent oracle: transformers running the dense model with an adapter merged in.
+
+FLoRA is merged straight from the files as W0 ∘ ((flora_alpha / r) · B @ A), without any of
+flora_vllm's loading code; LoRA is merged by PEFT's own `merge_and_unload`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+
+def load_reference(model_dir: str, adapter_dir: str | None = None) -> torch.nn.Module:
+    """The base model, or the base model with the adapter at `adapter_dir` merged in."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    if adapter_dir is None:
+        return model.eval()
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    if cfg["peft_type"] == "LORA":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
+    assert cfg["peft_type"] == "FLORA", cfg
+    scale = cfg.get("flora_alpha", 1.0) / cfg["r"]
+    tensors = load_file(os.path.join(adapter_dir, "flora_model.safetensors"))
+    modules = dict(model.named_modules())
+    merged = 0
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if not key.endswith(".flora_A.weight"):
+                continue
+            path = key.removeprefix("base_model.model.").removesuffix(".flora_A.weight")
+            b = tensors[key.replace("flora_A", "flora_B")]
+            lin = modules[path]
+            lin.weight.mul_(scale * (b.double() @ a.double()).to(lin.weight.dtype))
+            merged += 1
+    assert merged > 0
+    return model.eval()
+
+
+@torch.no_grad()
+def token_logprobs(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> list[float]:
+    """log p(completion[i] | prompt + completion[:i]) under `model`, one float per token."""
+    ids = torch.tensor([prompt + completion])
+    logits = model(ids).logits[0].double()  # [L, V]
+    logp = torch.log_softmax(logits, dim=-1)
+    start = len(prompt) - 1
+    return [logp[start + i, tok].item() for i, tok in enumerate(completion)]
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt` (the reference's own continuation)."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
