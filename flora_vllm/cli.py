@@ -1,0 +1,90 @@
+"""`flora-vllm` command line: `serve` (vLLM's OpenAI server with FLoRA) and `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+DEMO_PROMPTS = ["def add(a, b):", "The quick brown fox", "for i in range(10):"]
+
+
+def run_demo(workdir: str, archs: Sequence[str], max_tokens: int) -> int:
+    """Build tiny models + adapters, serve each with vLLM, ask every adapter, print answers."""
+    from openai import OpenAI
+
+    from flora_vllm.server import ServerProcess, lora_modules_args
+    from flora_vllm.tiny import build_demo_set
+
+    for arch in archs:
+        root = os.path.join(workdir, arch)
+        print(f"\n=== {arch}: building a random model, 4 FLoRA adapters and 1 LoRA in {root}")
+        paths = build_demo_set(root, arch)
+        model = paths.pop("base")
+        server = ServerProcess(
+            model,
+            args=[
+                "--served-model-name",
+                f"tiny-{arch}",
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                "512",
+                "--max-loras",
+                str(len(paths)),
+                *lora_modules_args(paths),
+            ],
+            log_path=os.path.join(root, "server.log"),
+        )
+        t0 = time.monotonic()
+        with server:
+            print(f"=== server up at {server.url} in {time.monotonic() - t0:.0f}s "
+                  f"(log: {server.log_path})")
+            client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+            served = [m.id for m in client.models.list().data]
+            print(f"=== /v1/models: {served}")
+            for name in [f"tiny-{arch}", *paths]:
+                for prompt in DEMO_PROMPTS[:2]:
+                    out = client.completions.create(
+                        model=name, prompt=prompt, max_tokens=max_tokens, temperature=0
+                    )
+                    print(f"[{name:>12}] {prompt!r} -> {out.choices[0].text!r}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="flora-vllm",
+        description="Serve FLoRA, LoRA and base-model requests in one vLLM batch.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "serve",
+        help="vLLM's OpenAI server with the FLoRA plugin; every vLLM server flag passes through",
+        add_help=False,
+    )
+    demo = sub.add_parser("demo", help="serve tiny random LLaMA and StarCoder with adapters")
+    demo.add_argument("--workdir", default="demo_artifacts", help="where models are written")
+    demo.add_argument("--arch", choices=["llama", "starcoder"], action="append")
+    demo.add_argument("--max-tokens", type=int, default=12)
+
+    if argv[:1] == ["serve"]:
+        from flora_vllm.server import exec_server
+
+        rest = argv[1:]
+        if rest and not rest[0].startswith("-"):  # `serve MODEL ...` like `vllm serve`
+            rest = ["--model", rest[0], *rest[1:]]
+        exec_server(rest)
+        return 0  # not reached: exec replaces the process
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return run_demo(args.workdir, args.arch or ["llama", "starcoder"], args.max_tokens)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

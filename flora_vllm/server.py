@@ -1,0 +1,151 @@
+"""Start vLLM's OpenAI-compatible server with FLoRA defaults, as a child process or in place.
+
+The server is vLLM's own (`vllm.entrypoints.openai.api_server`); the plugin is loaded by vLLM from
+the entry point, so every vLLM server flag works unchanged. We only add defaults that make a
+multi-adapter server start on a CPU box, and never override a flag the user gave.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+# flag -> value (None = bare switch); added only when the user did not pass the flag.
+DEFAULT_FLAGS: dict[str, str | None] = {
+    "--enable-lora": None,
+    "--max-lora-rank": "8",
+}
+CPU_DEFAULT_FLAGS: dict[str, str | None] = {
+    # The CPU backend reserves this share of RAM and refuses to start if less is free.
+    "--gpu-memory-utilization": "0.3",
+}
+DEFAULT_ENV: dict[str, str] = {
+    "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache on the CPU backend
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",  # /v1/load_lora_adapter, /v1/unload_lora_adapter
+}
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def server_argv(user_args: Sequence[str], on_cpu: bool | None = None) -> list[str]:
+    """vLLM server arguments: the user's, plus our defaults for flags they did not give."""
+    args = list(user_args)
+    given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
+    defaults = dict(DEFAULT_FLAGS)
+    if on_cpu if on_cpu is not None else not _has_cuda():
+        defaults.update(CPU_DEFAULT_FLAGS)
+    for flag, value in defaults.items():
+        if flag not in given:
+            args += [flag] if value is None else [flag, value]
+    return args
+
+
+def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for the server: ours only where the caller has not set the variable."""
+    env = dict(os.environ if base is None else base)
+    for k, v in DEFAULT_ENV.items():
+        env.setdefault(k, v)
+    return env
+
+
+def exec_server(user_args: Sequence[str]) -> None:
+    """Replace this process with vLLM's OpenAI server (so signals and exit codes are vLLM's)."""
+    argv = [sys.executable, "-m", API_SERVER_MODULE, *server_argv(user_args)]
+    os.execve(sys.executable, argv, server_env())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A vLLM OpenAI server running as a child process on 127.0.0.1."""
+
+    model: str
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    log_path: str | None = None
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 600.0) -> ServerProcess:
+        """Start the server and wait until /health answers; raise with the log tail if not."""
+        self.port = self.port or free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            API_SERVER_MODULE,
+            "--model",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *server_argv(self.args),
+        ]
+        env = server_env({**os.environ, **self.env})
+        log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}{self._tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"vLLM server not ready after {timeout:.0f}s{self._tail()}")
+
+    def _tail(self, n: int = 40) -> str:
+        if not self.log_path or not os.path.exists(self.log_path):
+            return ""
+        with open(self.log_path, errors="replace") as f:
+            return "\n--- server log tail ---\n" + "".join(f.readlines()[-n:])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def lora_modules_args(adapters: Mapping[str, str]) -> list[str]:
+    """`--lora-modules name=path ...` for vLLM."""
+    if not adapters:
+        return []
+    return ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
