@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny models with adapters (built once per session) and real vLLM servers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
+
+from flora_vllm.server import ServerProcess, lora_modules_args  # noqa: E402
+from flora_vllm.tiny import build_demo_set  # noqa: E402
+
+ADAPTERS = ("flora-r1", "flora-r2", "flora-r4", "flora-r8", "lora-r8")
+
+
+@pytest.fixture(scope="session")
+def model_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
+    """arch -> {"base": model dir, adapter name: adapter dir} for LLaMA and StarCoder."""
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_demo_set(str(root / arch), arch) for arch in ("llama", "starcoder")}
+
+
+def serve(
+    paths: dict[str, str], max_loras: int, log_path: str, extra: list[str] | None = None
+) -> ServerProcess:
+    """A real `vllm.entrypoints.openai.api_server` (plugin loaded by vLLM) with every adapter,
+    chunked prefill forced by a small token budget, prefix caching on."""
+    adapters = {n: paths[n] for n in ADAPTERS}
+    args = [
+        "--served-model-name",
+        "base",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--max-loras",
+        str(max_loras),
+        "--max-cpu-loras",
+        str(len(adapters) + 2),
+        "--max-lora-rank",
+        "8",
+        "--max-num-seqs",
+        "32",
+        "--max-num-batched-tokens",
+        "64",
+        "--enable-chunked-prefill",
+        "--enable-prefix-caching",
+        "--block-size",
+        "32",
+        "--seed",
+        "0",
+        *lora_modules_args(adapters),
+        *(extra or []),
+    ]
+    return ServerProcess(paths["base"], args=args, log_path=log_path)
+
+
+@pytest.fixture(scope="module")
+def llama_server(
+    model_sets: dict[str, dict[str, str]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """LLaMA server with every adapter slot filled (`--max-loras` = number of adapters)."""
+    log = str(tmp_path_factory.mktemp("logs") / "llama-full.log")
+    with serve(model_sets["llama"], len(ADAPTERS), log) as server:
+        yield server
