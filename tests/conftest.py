@@ -55,7 +55,9 @@ def serve(
         *lora_modules_args(adapters),
         *(extra or []),
     ]
-    return ServerProcess(paths["base"], args=args, log_path=log_path)
+    # No hub here: a missing local adapter must be a 404 at once, not a download attempt.
+    env = {"HF_HUB_OFFLINE": "1"}
+    return ServerProcess(paths["base"], args=args, env=env, log_path=log_path)
 
 
 @pytest.fixture(scope="module")
