@@ -68,7 +68,7 @@ class FLoRALinearMixin:
     def reset_flora(self, index: int) -> None:
         """Forget the FLoRA adapter of slot `index` (its tokens then see the base weight)."""
         self.flora_ranks[index] = 0
-        for a, b in zip(self.flora_a, self.flora_b):
+        for a, b in zip(self.flora_a, self.flora_b, strict=True):
             a[index] = 0
             b[index] = 0
         self._flora_slots.discard(index)
@@ -87,7 +87,7 @@ class FLoRALinearMixin:
                 a, b = [self.slice_lora_a(a[0])], [self.slice_lora_b(b[0])]
             else:
                 a, b = self.slice_lora_a(a), self.slice_lora_b(b)
-        for i, (a_i, b_i) in enumerate(zip(a, b)):
+        for i, (a_i, b_i) in enumerate(zip(a, b, strict=True)):
             if a_i is None or b_i is None:
                 continue
             r = a_i.shape[0]

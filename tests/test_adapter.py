@@ -1,0 +1,86 @@
+"""The adapter format: a write/read round trip, and every problem of a folder reported at once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flora_vllm.adapter import (
+    FLoRAAdapterConfig,
+    FLoRAAdapterError,
+    FLoRAAdapterNotFoundError,
+    load_adapter,
+    save_adapter,
+)
+
+SHAPES = {"m.layers.0.q_proj": (6, 4), "m.layers.0.up_proj": (10, 4)}
+
+
+def _factors(r: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return {p: (torch.randn(r, i, generator=g), torch.randn(o, r, generator=g))
+            for p, (o, i) in SHAPES.items()}
+
+
+def test_round_trip_folds_alpha_over_r_into_b(tmp_path):
+    factors = _factors(3)
+    save_adapter(str(tmp_path), factors, r=3, flora_alpha=6.0, base_model_name_or_path="m")
+    cfg, weights = load_adapter(str(tmp_path), SHAPES, max_rank=8)
+    assert (cfg.r, cfg.flora_alpha, sorted(cfg.target_modules)) == (3, 6.0, ["q_proj", "up_proj"])
+    for path, (a, b) in factors.items():
+        torch.testing.assert_close(weights[path].a, a)
+        torch.testing.assert_close(weights[path].b, b * 2.0)  # 6 / 3
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    factors = _factors(2)
+    factors["m.layers.0.q_proj"] = (torch.ones(2, 5), torch.full((6, 2), float("nan")))
+    save_adapter(str(tmp_path), factors, r=2)
+    with pytest.raises(FLoRAAdapterError) as e:
+        load_adapter(str(tmp_path), SHAPES, max_rank=1)
+    msg = str(e.value)
+    assert len(e.value.problems) == 3, msg
+    assert "rank 2 > --max-lora-rank 1" in msg and "--max-lora-rank >= 2" in msg
+    assert "flora_A has shape [2, 5], expected [2, 4]" in msg
+    assert "flora_B holds NaN or inf" in msg
+
+
+def test_targeted_module_without_weights_is_refused(tmp_path):
+    """No target module may be silently left unadapted."""
+    factors = _factors(1)
+    del factors["m.layers.0.up_proj"]
+    save_adapter(str(tmp_path), factors, r=1)
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["target_modules"] = ["q_proj", "up_proj"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(FLoRAAdapterError, match="up_proj' is targeted but flora_A/B is missing"):
+        load_adapter(str(tmp_path), SHAPES)
+
+
+def test_missing_folder_is_not_found(tmp_path):
+    with pytest.raises(FLoRAAdapterNotFoundError):
+        load_adapter(str(tmp_path / "absent"), SHAPES)
+
+
+CONFIG_ERRORS = [
+    ({"peft_type": "LORA"}, "peft_type is 'LORA'"),
+    ({"r": 0}, "positive integer"),
+    ({"r": 2.5}, "positive integer"),
+    ({"r": True}, "positive integer"),
+    ({"flora_alpha": "big"}, "flora_alpha"),
+    ({"flora_alpha": float("inf")}, "flora_alpha"),
+    ({"target_modules": []}, "target_modules"),
+    ({"target_modules": [3]}, "target_modules"),
+    ({"base_model_name_or_path": 7}, "base_model_name_or_path"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), CONFIG_ERRORS)
+def test_config_errors(change, message):
+    raw = {"peft_type": "FLORA", "r": 2, "flora_alpha": 1.0, "target_modules": ["q_proj"]}
+    with pytest.raises(FLoRAAdapterError, match="1 problem") as e:
+        FLoRAAdapterConfig.from_dict({**raw, **change}, "a")
+    assert message in str(e.value)

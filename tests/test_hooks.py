@@ -1,0 +1,60 @@
+"""The vLLM hooks: loud failure on a vLLM drift, stock vLLM refusing FLoRA folders, and the
+CPU LoRA ops no longer leaking the last slot's adapter into tokens that have none."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flora_vllm import vllm_hooks
+from flora_vllm.tiny import make_flora_adapter
+
+
+def test_version_drift_fails_loudly(monkeypatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.30.1")
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.29\.0, found 0\.30\.1"):
+        vllm_hooks.check_vllm()
+
+
+def test_missing_hook_target_fails_loudly(monkeypatch):
+    monkeypatch.setattr(
+        vllm_hooks, "HOOK_TARGETS", (*vllm_hooks.HOOK_TARGETS, ("vllm.lora.utils", "_gone"))
+    )
+    with pytest.raises(RuntimeError, match=r"vllm\.lora\.utils\._gone is missing"):
+        vllm_hooks.check_vllm()
+
+
+def test_pinned_vllm_has_every_target():
+    vllm_hooks.check_vllm()
+
+
+def test_stock_vllm_refuses_a_flora_folder(model_sets, tmp_path):
+    """Without the plugin vLLM must fail loudly, never apply FLoRA factors as additive LoRA."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    path = make_flora_adapter(model_sets["llama"]["base"], str(tmp_path / "f"), 2, ("q_proj",), 0)
+    with pytest.raises(ValueError, match="lora_alpha"):
+        PEFTHelper.from_local_dir(path, None)
+    helper = PEFTHelper(r=2, lora_alpha=2, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="doesn't contain tensors"):
+        LoRAModel.from_local_checkpoint(path, {"q_proj"}, helper, device="cpu")
+
+
+def test_cpu_lora_ops_skip_tokens_without_adapter():
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    stock = getattr(lora_ops.bgmv_shrink, "__wrapped__", lora_ops.bgmv_shrink)
+    x = torch.ones(3, 4)
+    lora_a = torch.randn(2, 1, 5, 4)  # [slots, 1, rank, in]
+    idx = torch.tensor([0, -1, 1])
+    leaked = torch.zeros(3, 5)
+    stock(x, lora_a, leaked, idx, 1.0)
+    # The upstream defect this guards against: slot -1 reads the last slot's weights.
+    torch.testing.assert_close(leaked[1], leaked[2])
+    fixed = torch.zeros(3, 5)
+    vllm_hooks._skip_unadapted_tokens(stock)(x, lora_a, fixed, idx, 1.0)
+    torch.testing.assert_close(fixed[1], torch.zeros(5))
+    torch.testing.assert_close(fixed[[0, 2]], leaked[[0, 2]])
