@@ -21,7 +21,28 @@ from vllm.lora.layers import (
 )
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
-from flora_vllm.ops.torch_ops import flora_linear
+from flora_vllm.config import get_config
+from flora_vllm.ops.policy import CostModel, MergedWeightCache, load_or_calibrate, plan_segments
+from flora_vllm.ops.torch_ops import flora_linear_segments, merge_slot
+
+_cost_models: dict[tuple[str, torch.dtype], CostModel] = {}
+_merge_cache: MergedWeightCache | None = None
+
+
+def _cost_model(weight: torch.Tensor) -> CostModel:
+    """This process's calibrated cost model for the weight's device and dtype (lazy, cached)."""
+    key = (str(weight.device), weight.dtype)
+    if key not in _cost_models:
+        _cost_models[key] = load_or_calibrate(str(weight.device), weight.dtype)
+    return _cost_models[key]
+
+
+def merge_cache() -> MergedWeightCache:
+    """The process-wide merged-weight cache, sized by FLORA_MERGE_CACHE_MB."""
+    global _merge_cache
+    if _merge_cache is None:
+        _merge_cache = MergedWeightCache(get_config().merge_cache_mb * 2**20)
+    return _merge_cache
 
 
 class FLoRALinearMixin:
@@ -30,7 +51,9 @@ class FLoRALinearMixin:
     flora_a: list[torch.Tensor]  # per slice [max_loras, R, in_partition]
     flora_b: list[torch.Tensor]  # per slice [max_loras, R, out_slice] (B^T, scale folded)
     flora_ranks: torch.Tensor  # [max_loras, n_slices] int64, 0 = no FLoRA in that slot/slice
-    _flora_slots: set[int]
+    _flora_slots: set[int]  # slots holding a FLoRA adapter (host-side, no device sync)
+    _flora_rank_host: list[list[int]]  # flora_ranks mirrored on the host, for planning
+    _flora_version: list[int]  # bumped whenever a slot changes: keys the merged-weight cache
 
     def create_lora_weights(
         self,
@@ -60,6 +83,8 @@ class FLoRALinearMixin:
             max_loras, len(self.output_slices), dtype=torch.long, device=dev
         )
         self._flora_slots = set()
+        self._flora_rank_host = [[0] * len(self.output_slices) for _ in range(max_loras)]
+        self._flora_version = [0] * max_loras
 
     def flora_full_shapes(self) -> list[tuple[int, int]]:
         """(out_features, in_features) per slice as the adapter file stores them (unsharded)."""
@@ -72,6 +97,9 @@ class FLoRALinearMixin:
             a[index] = 0
             b[index] = 0
         self._flora_slots.discard(index)
+        self._flora_rank_host[index] = [0] * len(self.output_slices)
+        self._flora_version[index] += 1
+        merge_cache().drop(id(self), index)
 
     def set_flora(
         self,
@@ -94,6 +122,7 @@ class FLoRALinearMixin:
             self.flora_a[i][index, :r].copy_(a_i, non_blocking=True)
             self.flora_b[i][index, :r].copy_(b_i.t(), non_blocking=True)
             self.flora_ranks[index, i] = r
+            self._flora_rank_host[index][i] = r
         if any(a_i is not None for a_i in a):
             self._flora_slots.add(index)
 
@@ -107,23 +136,64 @@ class FLoRALinearMixin:
             pad = slots.new_full((n_tok - slots.shape[0],), -1)
             slots = torch.cat([slots, pad])
         weight = self.base_layer.weight  # [sum(output_slices), in]
+        execution = get_config().execution
+        # tokens per slot (index 0 = no adapter): one host sync, then planning is host-side
+        counts = [] if execution == "expanded" else torch.bincount(
+            slots + 1, minlength=len(self._flora_version) + 1
+        ).tolist()
         outs, start = [], 0
         for i, size in enumerate(self.output_slices):
+            w_i = weight[start : start + size]
             outs.append(
-                flora_linear(
+                flora_linear_segments(
                     x2,
-                    weight[start : start + size],
+                    w_i,
                     None if bias is None else bias[start : start + size],
                     slots,
                     self.flora_a[i],
                     self.flora_b[i],
                     self.flora_ranks[:, i],
+                    self._merged_weights(i, w_i, counts, execution),
                 )
             )
             start += size
         output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, out]
         output = self._apply_lora_to_output(x2, output)  # LoRA slots (FLoRA slots hold zeros)
         return output.reshape(*x.shape[:-1], output.shape[-1])
+
+    def _merged_weights(
+        self, i: int, w_i: torch.Tensor, counts: list[int], execution: str
+    ) -> dict[int, torch.Tensor]:
+        """slot -> merged weight for the adapter segments of slice i that run merged this pass:
+        all of them under `merged`, those the cost model picks under `auto`, none otherwise."""
+        segs = [s for s in sorted(self._flora_slots)
+                if counts and counts[s + 1] and self._flora_rank_host[s][i]]
+        if not segs:
+            return {}
+        cache = merge_cache()
+        keys = [(id(self), i, s, self._flora_version[s]) for s in segs]
+        cached = [cache.get(k) for k in keys]
+        ranks = [self._flora_rank_host[s][i] for s in segs]
+        if execution == "merged":
+            chosen = [True] * len(segs)
+        else:
+            tokens = [counts[s + 1] for s in segs]
+            chosen = plan_segments(
+                ranks,
+                tokens,
+                [c is not None for c in cached],
+                sum(counts) - sum(tokens),
+                w_i.numel(),
+                _cost_model(w_i),
+            )
+        merged = {}
+        for s, key, w, r, use in zip(segs, keys, cached, ranks, chosen, strict=True):
+            if use:
+                if w is None:
+                    w = merge_slot(w_i, self.flora_a[i], self.flora_b[i], s, r)
+                    cache.put(key, w)
+                merged[s] = w
+        return merged
 
     @classmethod
     def can_replace_layer(

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+
 GPT_BIGCODE = "GPTBigCodeForCausalLM"
+
+
+def _log_like_vllm() -> None:
+    """Route the `flora_vllm` logger through vLLM's handlers, so our lines (hooks installed,
+    cost model calibrated) appear in the server log with vLLM's format."""
+    ours, vllm_logger = logging.getLogger("flora_vllm"), logging.getLogger("vllm")
+    if not ours.handlers and vllm_logger.handlers:
+        for handler in vllm_logger.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(vllm_logger.level or logging.INFO)
+        ours.propagate = False
 
 
 def register() -> None:
     """Install the FLoRA hooks and the native StarCoder (GPTBigCode) model; idempotent."""
     from vllm import ModelRegistry
 
+    from flora_vllm.config import get_config
     from flora_vllm.vllm_hooks import apply_hooks
 
+    _log_like_vllm()
+    get_config()  # a bad FLORA_* setting fails here, at start-up, in every process
     apply_hooks()
     # Stock 0.29 runs GPTBigCode through its Transformers backend, where no LoRA layer wraps
     # c_attn; our native model packs it as a QKV layer that LoRA and FLoRA both adapt.

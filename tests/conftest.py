@@ -24,7 +24,11 @@ def model_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, 
 
 
 def serve(
-    paths: dict[str, str], max_loras: int, log_path: str, extra: list[str] | None = None
+    paths: dict[str, str],
+    max_loras: int,
+    log_path: str,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
     """A real `vllm.entrypoints.openai.api_server` (plugin loaded by vLLM) with every adapter,
     chunked prefill forced by a small token budget, prefix caching on."""
@@ -56,7 +60,7 @@ def serve(
         *(extra or []),
     ]
     # No hub here: a missing local adapter must be a 404 at once, not a download attempt.
-    env = {"HF_HUB_OFFLINE": "1"}
+    env = {"HF_HUB_OFFLINE": "1", **(env or {})}
     return ServerProcess(paths["base"], args=args, env=env, log_path=log_path)
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flora_vllm.ops.torch_ops import dense_flora_weight, expand_rows, flora_linear
+from flora_vllm.ops.policy import CostModel, MergedWeightCache, plan_segments
+from flora_vllm.ops.torch_ops import (
+    dense_flora_weight,
+    expand_rows,
+    flora_linear,
+    flora_linear_segments,
+    merge_slot,
+)
 
 
 def _stack(
@@ -80,3 +87,46 @@ def test_work_follows_each_adapters_own_rank():
     assert row_token.tolist() == [0, 0, 1, 1, *[2] * 8, 3, 4]
     assert row_k.tolist() == [0, 1, 0, 1, *range(8), 0, 0]
     assert is_flora.tolist() == [True] * 12 + [False, False]
+
+
+@pytest.mark.parametrize("merged_slots", [[0], [1, 3], [0, 1, 2, 3]])
+def test_merged_segments_match_dense(merged_slots):
+    """Running some adapters through their merged weight changes nothing but rounding."""
+    gen = torch.Generator().manual_seed(3)
+    n_in, n_out, n_tok = 19, 29, 31
+    a, b, ranks = _stack([1, 2, 4, 8, 0], n_in, n_out, 8, gen)
+    x = torch.randn(n_tok, n_in, generator=gen, dtype=torch.float64)
+    weight = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+    bias = torch.randn(n_out, generator=gen, dtype=torch.float64)
+    slots = torch.randint(-1, 5, (n_tok,), generator=gen)
+    merged = {s: merge_slot(weight, a, b, s, int(ranks[s])) for s in merged_slots}
+    got = flora_linear_segments(x, weight, bias, slots, a, b, ranks, merged)
+    want = _dense_reference(x, weight, bias, slots, a, b, ranks)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# compute-bound toy machine: every row costs the same, a merge costs (1 + r) rows' worth
+_ROWS = [2**k for k in range(11)]
+_LINEAR = CostModel(_ROWS, [float(m) for m in _ROWS], merge_base=1.0, merge_per_rank=1.0)
+
+
+def test_plan_merges_big_segments_and_keeps_rank_one_expanded():
+    # rank 8 x 256 tokens: expanded 2048 rows vs merged 256 + 9; rank 1 never merges
+    assert plan_segments([8, 1], [256, 256], [False, False], 0, 1, _LINEAR) == [True, False]
+    # rank 8 x 1 token: 8 rows expanded vs 1 + 9 merged -> stay expanded
+    assert plan_segments([8], [1], [False], 0, 1, _LINEAR) == [False]
+    # ... unless the merged weight is already cached: 1 row
+    assert plan_segments([8], [1], [True], 0, 1, _LINEAR) == [True]
+
+
+def test_merge_cache_budget_and_invalidation():
+    cache = MergedWeightCache(budget_bytes=2 * 4 * 100)  # room for two [10, 10] fp32 weights
+    w = [torch.full((10, 10), float(i)) for i in range(3)]
+    cache.put((1, 0, 0, 0), w[0])
+    cache.put((1, 0, 1, 0), w[1])
+    assert cache.get((1, 0, 0, 0)) is w[0]  # now most recently used
+    cache.put((2, 0, 0, 0), w[2])  # evicts (1, 0, 1, 0)
+    assert cache.get((1, 0, 1, 0)) is None and cache.used == 800
+    cache.drop(1, 0)  # slot 0 of layer 1 changed
+    assert cache.get((1, 0, 0, 0)) is None and cache.get((2, 0, 0, 0)) is w[2]
+    assert cache.used == 400

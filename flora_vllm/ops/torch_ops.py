@@ -107,3 +107,38 @@ def dense_flora_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -
         weight: [out, in]; a: [r, in]; b: [out, r] with the `alpha / r` scale folded in.
     """
     return weight * (b @ a)
+
+
+def merge_slot(
+    weight: torch.Tensor, a_stacked: torch.Tensor, b_stacked: torch.Tensor, slot: int, rank: int
+) -> torch.Tensor:
+    """W0 ∘ (B^T A) for one slot of the stacks: [out, in], the adapter's own merged weight."""
+    return dense_flora_weight(weight, a_stacked[slot, :rank], b_stacked[slot, :rank].T)
+
+
+def flora_linear_segments(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    token_slots: torch.Tensor,
+    a_stacked: torch.Tensor,
+    b_stacked: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    merged: dict[int, torch.Tensor],
+) -> torch.Tensor:
+    """`flora_linear`, except that the tokens of each slot in `merged` run through that slot's
+    merged weight [out, in] (one plain matmul per such segment) instead of expanded rows."""
+    if not merged:
+        return flora_linear(x, weight, bias, token_slots, a_stacked, b_stacked, slot_ranks)
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    rest = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    for slot, w_s in merged.items():
+        idx = (token_slots == slot).nonzero().squeeze(1)  # [n_s]
+        y[idx] = torch.nn.functional.linear(x[idx], w_s, bias)
+        rest[idx] = False
+    idx = rest.nonzero().squeeze(1)
+    if len(idx):
+        y[idx] = flora_linear(
+            x[idx], weight, bias, token_slots[idx], a_stacked, b_stacked, slot_ranks
+        )
+    return y

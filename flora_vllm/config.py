@@ -1,0 +1,49 @@
+"""Engine-wide FLoRA settings, read once per process from the environment (vLLM starts several
+processes, so flags cannot be passed to the workers directly; env vars reach all of them)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+from flora_vllm.ops.policy import EXECUTIONS
+
+
+@dataclass(frozen=True)
+class FLoRAConfig:
+    """Settings of the FLoRA layers."""
+
+    execution: str = "auto"
+    """How FLoRA tokens run: `auto` (per-segment cost model), `expanded` (rank rows per token
+    through the shared matmul) or `merged` (each adapter's merged weight). Env FLORA_EXECUTION."""
+
+    merge_cache_mb: int = 512
+    """Budget for merged weights kept across forward passes (0 = rebuild every time).
+    Env FLORA_MERGE_CACHE_MB."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.execution not in EXECUTIONS:
+            problems.append(
+                f"FLORA_EXECUTION={self.execution!r}; use one of {', '.join(EXECUTIONS)}"
+            )
+        if self.merge_cache_mb < 0:
+            problems.append(f"FLORA_MERGE_CACHE_MB={self.merge_cache_mb}; use a size >= 0")
+        if problems:
+            raise ValueError("invalid flora_vllm settings: " + "; ".join(problems))
+
+    @classmethod
+    def from_env(cls) -> FLoRAConfig:
+        raw = os.environ.get("FLORA_MERGE_CACHE_MB", "512")
+        try:
+            cache_mb = int(raw)
+        except ValueError as e:
+            raise ValueError(f"FLORA_MERGE_CACHE_MB={raw!r} is not an integer") from e
+        return cls(os.environ.get("FLORA_EXECUTION", "auto"), cache_mb)
+
+
+@functools.cache
+def get_config() -> FLoRAConfig:
+    """This process's settings (validated on first use; the plugin calls it at start-up)."""
+    return FLoRAConfig.from_env()
