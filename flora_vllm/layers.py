@@ -8,6 +8,8 @@ manager resets the other kind when it fills a slot. Plain tokens (slot -1) get t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -35,6 +37,14 @@ def _cost_model(weight: torch.Tensor) -> CostModel:
     if key not in _cost_models:
         _cost_models[key] = load_or_calibrate(str(weight.device), weight.dtype)
     return _cost_models[key]
+
+
+@functools.cache
+def _fused_kernel_available() -> bool:
+    """True where the fused Triton FLoRA op can run (imports it, registering the custom op)."""
+    from flora_vllm.ops import triton_ops
+
+    return triton_ops.is_triton_available()
 
 
 def merge_cache() -> MergedWeightCache:
@@ -127,6 +137,8 @@ class FLoRALinearMixin:
             self._flora_slots.add(index)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.is_cuda and _fused_kernel_available():
+            return self._apply_fused(x, bias)
         if not self._flora_slots:  # no FLoRA adapter resident: vLLM's own path, untouched
             return super().apply(x, bias)
         x2 = x.flatten(0, -2) if x.ndim == 3 else x  # [T, in]
@@ -159,6 +171,32 @@ class FLoRALinearMixin:
             start += size
         output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, out]
         output = self._apply_lora_to_output(x2, output)  # LoRA slots (FLoRA slots hold zeros)
+        return output.reshape(*x.shape[:-1], output.shape[-1])
+
+    def _apply_fused(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """CUDA: the fused Triton kernel, on every call whether or not FLoRA slots are filled,
+        so a captured CUDA graph stays valid when adapters come and go. It reads the slots of
+        the first T tokens from the punica buffer itself (a fixed address across replays); no
+        host sync. The per-segment merge policy is a CPU (eager) feature."""
+        x2 = x.flatten(0, -2) if x.ndim == 3 else x  # [T, in]
+        slots = self.punica_wrapper._token_lora_indices  # [max_batched_tokens] >= T
+        weight = self.base_layer.weight
+        outs, start = [], 0
+        for i, size in enumerate(self.output_slices):
+            outs.append(
+                torch.ops.flora.flora_linear(
+                    x2,
+                    weight[start : start + size],
+                    None if bias is None else bias[start : start + size],
+                    slots,
+                    self.flora_a[i],
+                    self.flora_b[i],
+                    self.flora_ranks[:, i],
+                )
+            )
+            start += size
+        output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        output = self._apply_lora_to_output(x2, output)
         return output.reshape(*x.shape[:-1], output.shape[-1])
 
     def _merged_weights(
