@@ -66,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="vLLM's OpenAI server with the FLoRA plugin; every vLLM server flag passes through",
         add_help=False,
     )
+    sub.add_parser("train", help="train a FLoRA adapter on a text/JSONL file", add_help=False)
+    sub.add_parser(
+        "convert", help="fit a FLoRA adapter to a PEFT LoRA adapter", add_help=False
+    )
     demo = sub.add_parser("demo", help="serve tiny random LLaMA and StarCoder with adapters")
     demo.add_argument("--workdir", default="demo_artifacts", help="where models are written")
     demo.add_argument("--arch", choices=["llama", "starcoder"], action="append")
@@ -79,6 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             rest = ["--model", rest[0], *rest[1:]]
         exec_server(rest)
         return 0  # not reached: exec replaces the process
+    if argv[:1] == ["train"]:
+        from flora_vllm.train import main as train_main
+
+        return train_main(argv[1:])
+    if argv[:1] == ["convert"]:
+        from flora_vllm.convert import main as convert_main
+
+        return convert_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         return run_demo(args.workdir, args.arch or ["llama", "starcoder"], args.max_tokens)

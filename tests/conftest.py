@@ -7,8 +7,12 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
+# The test process only runs tiny reference models; on 2 cores shared with the vLLM servers under
+# test, one thread is several times faster than two (the servers set their own threads).
+torch.set_num_threads(1)
 
 from flora_vllm.server import ServerProcess, lora_modules_args  # noqa: E402
 from flora_vllm.tiny import build_demo_set  # noqa: E402
