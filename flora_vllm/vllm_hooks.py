@@ -10,8 +10,8 @@ HOOKS with the reason; `patches/` holds the same changes as diffs against vLLM's
 - `LoRAModelManager.activate_adapter`: filling a slot also sets or clears its FLoRA factors.
 - `vllm.lora.ops.torch_ops` bgmv ops (CPU punica): a token with slot -1 indexed the last slot's
   weights (a cross-tenant leak); now such tokens get no LoRA.
-- `UnquantizedLinearMethod.process_weights_after_loading`: on the CPU with LoRA on, keep the
-  unpacked weight (FLoRA scales rows of it) instead of freeing it for vLLM's packed GEMM.
+- `vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`: on the CPU with LoRA on,
+  keep the unpacked weight next to vLLM's packed one (FLoRA merges read it) instead of freeing it.
 - `OpenAIServingModels.load_lora_adapter`: an invalid adapter answers 400, not 500.
 
 `apply_hooks()` checks the vLLM version and that every target exists before changing anything,
@@ -54,7 +54,7 @@ HOOK_TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.lora.punica_wrapper.punica_cpu", "bgmv_shrink"),
     ("vllm.lora.punica_wrapper.punica_cpu", "bgmv_expand"),
     ("vllm.lora.punica_wrapper.punica_cpu", "bgmv_expand_slice"),
-    ("vllm.model_executor.layers.linear", "UnquantizedLinearMethod.process_weights_after_loading"),
+    ("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm"),
     ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter"),
 )
 
@@ -257,17 +257,16 @@ def _skip_unadapted_tokens(op: Callable) -> Callable:
     return masked
 
 
-def _wrap_process_weights(orig: Callable) -> Callable:
+def _wrap_cpu_gemm_dispatch(orig: Callable) -> Callable:
     from vllm.config import get_current_vllm_config
-    from vllm.platforms import current_platform
 
     @functools.wraps(orig)
-    def process_weights_after_loading(self: Any, layer: torch.nn.Module) -> None:
-        if current_platform.is_cpu() and get_current_vllm_config().lora_config is not None:
-            layer._cpu_skip_gemm_dispatch = True  # keep layer.weight; GEMM via F.linear
-        return orig(self, layer)
+    def dispatch_cpu_unquantized_gemm(layer: Any, remove_weight: bool) -> None:
+        if remove_weight and get_current_vllm_config().lora_config is not None:
+            remove_weight = False  # FLoRA layers read the unpacked weight
+        return orig(layer, remove_weight)
 
-    return process_weights_after_loading
+    return dispatch_cpu_unquantized_gemm
 
 
 # --- HTTP status of a bad adapter ------------------------------------------------------------
@@ -307,9 +306,7 @@ def apply_hooks() -> None:
         for op in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
             _patch(module, op, _skip_unadapted_tokens)
     _patch(
-        "vllm.model_executor.layers.linear",
-        "UnquantizedLinearMethod.process_weights_after_loading",
-        _wrap_process_weights,
+        "vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm", _wrap_cpu_gemm_dispatch
     )
     _patch(
         "vllm.entrypoints.openai.models.serving",

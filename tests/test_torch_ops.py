@@ -11,6 +11,7 @@ from flora_vllm.ops.torch_ops import (
     expand_rows,
     flora_linear,
     flora_linear_segments,
+    linear_gemm,
     merge_slot,
 )
 
@@ -99,7 +100,7 @@ def test_merged_segments_match_dense(merged_slots):
     weight = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
     bias = torch.randn(n_out, generator=gen, dtype=torch.float64)
     slots = torch.randint(-1, 5, (n_tok,), generator=gen)
-    merged = {s: merge_slot(weight, a, b, s, int(ranks[s])) for s in merged_slots}
+    merged = {s: linear_gemm(merge_slot(weight, a, b, s, int(ranks[s]))) for s in merged_slots}
     got = flora_linear_segments(x, weight, bias, slots, a, b, ranks, merged)
     want = _dense_reference(x, weight, bias, slots, a, b, ranks)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -120,12 +121,12 @@ def test_plan_merges_big_segments_and_keeps_rank_one_expanded():
 
 
 def test_merge_cache_budget_and_invalidation():
-    cache = MergedWeightCache(budget_bytes=2 * 4 * 100)  # room for two [10, 10] fp32 weights
-    w = [torch.full((10, 10), float(i)) for i in range(3)]
-    cache.put((1, 0, 0, 0), w[0])
-    cache.put((1, 0, 1, 0), w[1])
+    cache = MergedWeightCache(budget_bytes=800)  # room for two 400-byte weights
+    w = [linear_gemm(torch.full((10, 10), float(i))) for i in range(3)]
+    cache.put((1, 0, 0, 0), w[0], 400)
+    cache.put((1, 0, 1, 0), w[1], 400)
     assert cache.get((1, 0, 0, 0)) is w[0]  # now most recently used
-    cache.put((2, 0, 0, 0), w[2])  # evicts (1, 0, 1, 0)
+    cache.put((2, 0, 0, 0), w[2], 400)  # evicts (1, 0, 1, 0)
     assert cache.get((1, 0, 1, 0)) is None and cache.used == 800
     cache.drop(1, 0)  # slot 0 of layer 1 changed
     assert cache.get((1, 0, 0, 0)) is None and cache.get((2, 0, 0, 0)) is w[2]

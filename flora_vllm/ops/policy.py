@@ -21,10 +21,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+
+from flora_vllm.ops.torch_ops import Gemm, linear_gemm
+
+MakeGemm = Callable[[torch.Tensor], Gemm]
 
 logger = logging.getLogger("flora_vllm")
 
@@ -108,9 +112,13 @@ def _timeit(fn, reps: int) -> float:
 
 
 def calibrate(
-    device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 1024
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    size: int = 1024,
+    make_gemm: MakeGemm = linear_gemm,
 ) -> CostModel:
-    """Time F.linear for a few row counts and the merge for two ranks on a size² weight."""
+    """Time the serving GEMM (`make_gemm(W)`, e.g. vLLM's packed CPU GEMM) for a few row counts,
+    and the merge (W0 ∘ (B^T A), then `make_gemm` of it) for two ranks, on a size² weight."""
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     w = torch.randn(size, size, device=dev, dtype=dtype)
@@ -123,27 +131,36 @@ def calibrate(
 
         return _timeit(run, reps=5)
 
+    gemm = make_gemm(w)
     per_elem = []
     for m in _CAL_ROWS:
         x = torch.randn(m, size, device=dev, dtype=dtype)
-        per_elem.append(timed(lambda x=x: torch.nn.functional.linear(x, w)) / elems)
+        per_elem.append(timed(lambda x=x: gemm(x)) / elems)
     merge_t = {}
     for r in (1, 8):
         a = torch.randn(r, size, device=dev, dtype=dtype)
         b = torch.randn(r, size, device=dev, dtype=dtype)
-        merge_t[r] = timed(lambda a=a, b=b: w * (b.T @ a)) / elems
+        merge_t[r] = timed(lambda a=a, b=b: make_gemm(w * (b.T @ a))) / elems
     g1 = max((merge_t[8] - merge_t[1]) / 7, 0.0)
     g0 = max(merge_t[1] - g1, 0.0)
     return CostModel(list(_CAL_ROWS), per_elem, g0, g1, str(dev), str(dtype).split(".")[-1])
 
 
-def load_or_calibrate(device: str, dtype: torch.dtype, cache_dir: str | None = None) -> CostModel:
-    """The machine's cost model, from the on-disk cache when present (one per device/dtype)."""
+def load_or_calibrate(
+    device: str,
+    dtype: torch.dtype,
+    make_gemm: MakeGemm = linear_gemm,
+    gemm_name: str = "linear",
+    cache_dir: str | None = None,
+) -> CostModel:
+    """The machine's cost model, from the on-disk cache when present (one per device, dtype
+    and GEMM kind)."""
     cache_dir = cache_dir or os.environ.get(
         "FLORA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "flora_vllm")
     )
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    key = f"cost_{name}_{str(dtype).split('.')[-1]}_torch{torch.__version__}".replace(" ", "_")
+    key = f"cost_{name}_{str(dtype).split('.')[-1]}_{gemm_name}_torch{torch.__version__}"
+    key = key.replace(" ", "_")
     path = os.path.join(cache_dir, key.replace("/", "_") + ".json")
     try:
         with open(path) as f:
@@ -152,7 +169,7 @@ def load_or_calibrate(device: str, dtype: torch.dtype, cache_dir: str | None = N
         return model
     except (OSError, ValueError, TypeError):
         pass
-    model = calibrate(device, dtype)
+    model = calibrate(device, dtype, make_gemm=make_gemm)
     try:
         os.makedirs(cache_dir, exist_ok=True)
         with open(path, "w") as f:
@@ -164,7 +181,8 @@ def load_or_calibrate(device: str, dtype: torch.dtype, cache_dir: str | None = N
 
 
 class MergedWeightCache:
-    """Merged weights W0 ∘ (B^T A) kept across forward passes under a byte budget (LRU).
+    """Merged-weight GEMMs (W0 ∘ (B^T A), packed) kept across forward passes under a byte
+    budget (LRU); callers give each entry's size in bytes.
 
     Keys are (layer key, slice, slot, slot version): a slot that gets another adapter bumps its
     version (and `drop` frees the stale entries at once), so a stale weight is never served.
@@ -173,25 +191,23 @@ class MergedWeightCache:
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
         self.used = 0
-        self._entries: dict[tuple, torch.Tensor] = {}  # insertion order = LRU order
+        self._entries: dict[tuple, tuple[Gemm, int]] = {}  # insertion order = LRU order
 
-    def get(self, key: tuple) -> torch.Tensor | None:
-        w = self._entries.pop(key, None)
-        if w is not None:
-            self._entries[key] = w  # most recently used
-        return w
+    def get(self, key: tuple) -> Gemm | None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return None
+        self._entries[key] = entry  # most recently used
+        return entry[0]
 
-    def put(self, key: tuple, w: torch.Tensor) -> None:
-        size = w.numel() * w.element_size()
+    def put(self, key: tuple, gemm: Gemm, size: int) -> None:
         if size > self.budget:
             return
         while self.used + size > self.budget and self._entries:
-            old = self._entries.pop(next(iter(self._entries)))
-            self.used -= old.numel() * old.element_size()
-        self._entries[key] = w
+            self.used -= self._entries.pop(next(iter(self._entries)))[1]
+        self._entries[key] = (gemm, size)
         self.used += size
 
     def drop(self, layer_key: int, slot: int) -> None:
         for key in [k for k in self._entries if k[0] == layer_key and k[2] == slot]:
-            w = self._entries.pop(key)
-            self.used -= w.numel() * w.element_size()
+            self.used -= self._entries.pop(key)[1]

@@ -12,7 +12,17 @@ Identity factors (A = 1, B = 1, rank 1) give back the base output exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+Gemm = Callable[[torch.Tensor], torch.Tensor]
+"""x [m, in] -> x W^T [m, out] for one fixed weight W (e.g. vLLM's packed CPU GEMM)."""
+
+
+def linear_gemm(weight: torch.Tensor) -> Gemm:
+    """The plain `F.linear` GEMM of a weight (the default; any device)."""
+    return lambda x: torch.nn.functional.linear(x, weight)
 
 
 def expand_rows(
@@ -44,6 +54,7 @@ def flora_linear(
     a_stacked: torch.Tensor,
     b_stacked: torch.Tensor,
     slot_ranks: torch.Tensor,
+    gemm: Gemm | None = None,
 ) -> torch.Tensor:
     """y = per-token FLoRA linear; plain tokens (slot -1 or rank 0) get x W0^T + bias.
 
@@ -55,14 +66,16 @@ def flora_linear(
         a_stacked: [S, R, in] input scalings A per slot (rows >= the slot's rank unused).
         b_stacked: [S, R, out] output scalings B^T per slot, `alpha / r` folded in.
         slot_ranks: [S] int64 rank per slot; 0 = this slot is not FLoRA for this weight.
+        gemm: how to multiply rows by W0 (default `F.linear`); same answer, maybe faster.
     Returns:
         [T, out]. Work follows each adapter's own rank, not the padded R.
     """
+    gemm = gemm or linear_gemm(weight)
     row_token, row_k, row_is_flora = expand_rows(token_slots, slot_ranks)
     if not bool(row_is_flora.any()):
-        return torch.nn.functional.linear(x, weight, bias)
+        return _add_bias(gemm(x), bias)
     if len(row_token) == len(token_slots):  # every FLoRA token is rank 1: no expansion needed
-        return _rank1_linear(x, weight, bias, token_slots, a_stacked, b_stacked, row_is_flora)
+        return _rank1_linear(x, gemm, bias, token_slots, a_stacked, b_stacked, row_is_flora)
 
     flora_rows = row_is_flora.nonzero().squeeze(1)  # [F]
     flora_slot = token_slots[row_token[flora_rows]]  # [F]
@@ -70,18 +83,20 @@ def flora_linear(
 
     rows_x = x[row_token]  # [R, in]
     rows_x[flora_rows] *= a_stacked[flora_slot, flora_k]  # input scaling a_k ∘ x
-    rows_y = torch.nn.functional.linear(rows_x, weight)  # [R, out]: the one shared matmul
+    rows_y = gemm(rows_x)  # [R, out]: the one shared matmul
     rows_y[flora_rows] *= b_stacked[flora_slot, flora_k]  # output scaling b_k ∘ (.)
-    y = torch.zeros(x.shape[0], weight.shape[0], dtype=rows_y.dtype, device=rows_y.device)
+    y = torch.zeros(x.shape[0], rows_y.shape[1], dtype=rows_y.dtype, device=rows_y.device)
     y.index_add_(0, row_token, rows_y)  # Σ over each token's rank rows
-    if bias is not None:
-        y += bias
-    return y
+    return _add_bias(y, bias)
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y.add_(bias)
 
 
 def _rank1_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    gemm: Gemm,
     bias: torch.Tensor | None,
     token_slots: torch.Tensor,
     a_stacked: torch.Tensor,
@@ -93,11 +108,9 @@ def _rank1_linear(
     slots = token_slots[flora_tok]
     x = x.clone()
     x[flora_tok] *= a_stacked[slots, 0]
-    y = torch.nn.functional.linear(x, weight)  # [T, out]
+    y = gemm(x)  # [T, out]
     y[flora_tok] *= b_stacked[slots, 0]
-    if bias is not None:
-        y += bias
-    return y
+    return _add_bias(y, bias)
 
 
 def dense_flora_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -124,21 +137,22 @@ def flora_linear_segments(
     a_stacked: torch.Tensor,
     b_stacked: torch.Tensor,
     slot_ranks: torch.Tensor,
-    merged: dict[int, torch.Tensor],
+    merged: dict[int, Gemm],
+    gemm: Gemm | None = None,
 ) -> torch.Tensor:
     """`flora_linear`, except that the tokens of each slot in `merged` run through that slot's
-    merged weight [out, in] (one plain matmul per such segment) instead of expanded rows."""
+    merged-weight GEMM (one plain matmul per such segment) instead of expanded rows."""
     if not merged:
-        return flora_linear(x, weight, bias, token_slots, a_stacked, b_stacked, slot_ranks)
+        return flora_linear(x, weight, bias, token_slots, a_stacked, b_stacked, slot_ranks, gemm)
     y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     rest = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    for slot, w_s in merged.items():
+    for slot, gemm_s in merged.items():
         idx = (token_slots == slot).nonzero().squeeze(1)  # [n_s]
-        y[idx] = torch.nn.functional.linear(x[idx], w_s, bias)
+        y[idx] = _add_bias(gemm_s(x[idx]), bias)
         rest[idx] = False
     idx = rest.nonzero().squeeze(1)
     if len(idx):
         y[idx] = flora_linear(
-            x[idx], weight, bias, token_slots[idx], a_stacked, b_stacked, slot_ranks
+            x[idx], weight, bias, token_slots[idx], a_stacked, b_stacked, slot_ranks, gemm
         )
     return y
