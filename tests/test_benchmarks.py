@@ -1,0 +1,175 @@
+"""Smoke tests of the benchmark scripts: each runs end to end at a tiny size and writes the JSON
+that benchmarks/README.md describes, plus the pure helpers they rely on.
+
+No timing asserts: numbers from a busy 2-core box mean nothing; what must hold is that every
+path and every run is there, with finite metrics, and that the LoRA paths compute the same thing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import common, layer_bench, serving_bench  # noqa: E402
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def run_script(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{argv} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+# ---- Helpers ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("rank", "allowed"), [(1, 1), (2, 8), (8, 8), (9, 16), (16, 16)])
+def test_vllm_max_lora_rank(rank: int, allowed: int) -> None:
+    assert common.vllm_max_lora_rank(rank) == allowed
+
+
+def test_inflection_rank() -> None:
+    ranks = [1, 2, 4, 8]
+    flora = {1: 10.0, 2: 9.0, 4: 6.0, 8: 3.0}  # tok/s
+    assert common.inflection_rank(ranks, flora, {r: 7.0 for r in ranks}) == 4
+    assert common.inflection_rank(ranks, flora, {r: 1.0 for r in ranks}) is None
+    times = {1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0}  # us: lower is better
+    assert common.inflection_rank(ranks, times, {r: 3.0 for r in ranks}, False) == 4
+
+
+def test_cost_model_recovers_exact_constants() -> None:
+    """Times made by the model itself: the fit gives back c1, c2 and the inflection."""
+    in_f, out_f, n_tok, c2 = 64, 64, 4, 1e-10
+    q = 11 / 12  # the paper's 2·c1/(d·c2): break-even at r = 1 / (1 - q) = 12
+    c1 = q * c2 * in_f * out_f / (in_f + out_f)
+    ranks = [1, 2, 4, 8, 16]
+    base = c2 * n_tok * in_f * out_f * 1e6  # us
+    flora = {r: c2 * r * n_tok * in_f * out_f * 1e6 for r in ranks}
+    lora = {r: base + c1 * r * n_tok * (in_f + out_f) * 1e6 for r in ranks}
+    fit = layer_bench.fit_cost_model(in_f, out_f, n_tok, ranks, base, flora, lora)
+    assert fit["c1_s_per_mac"] == pytest.approx(c1)
+    assert fit["c2_s_per_mac"] == pytest.approx(c2)
+    assert fit["q_2c1_over_d_c2"] == pytest.approx(2 * c1 / (in_f * c2)) == pytest.approx(q)
+    assert fit["break_even_rank"] == pytest.approx(12)
+    assert fit["predicted_inflection"] == fit["measured_inflection"] == 16
+
+
+def test_serving_plan_groups_by_max_lora_rank() -> None:
+    plans, skipped = serving_bench.plan_servers(
+        ["base", "lora", "flora", "mixed"], [1, 2, 4, 16], [1, 40], cap=32
+    )
+    assert [p.key for p in plans] == [
+        "base", "n1-maxrank1", "n1-maxrank8", "n1-maxrank16",
+        "n40-maxrank1", "n40-maxrank8", "n40-maxrank16",
+    ]  # fmt: skip
+    assert plans[0].max_lora_rank is None and [r.id for r in plans[0].runs] == ["base"]
+    assert {s["num_adapters"] for s in skipped} == {1}  # mixed needs two adapters
+    by_key = {p.key: p for p in plans}
+    assert [r.id for r in by_key["n40-maxrank8"].runs] == [
+        "lora-r2-n40", "flora-r2-n40", "mixed-r2-n40",
+        "lora-r4-n40", "flora-r4-n40", "mixed-r4-n40",
+    ]  # fmt: skip
+    assert by_key["n40-maxrank8"].max_loras == 32  # the cap
+    mixed = next(r for r in by_key["n40-maxrank16"].runs if r.mode == "mixed")
+    assert len(mixed.adapters) == len(set(mixed.adapters)) == 40
+    assert sum(a.startswith("flora-r16-") for a in mixed.adapters) == 20
+
+
+# ---- Layer benchmark ----------------------------------------------------------------------------
+def _check_layer_result(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    assert result["kind"] == "layer"
+    assert set(result["paths"]) == set(layer_bench.PATHS)  # every path: timed or skipped, why
+    live = {p for p, v in result["paths"].items() if v["skipped"] is None}
+    assert {"base", "flora_torch", "lora_bmm", "lora_gathered"} <= live
+    rows = result["results"]
+    assert {(r["tokens"], r["rank"]) for r in rows} == {(1, 1), (1, 2), (8, 1), (8, 2)}
+    for r in rows:
+        assert not r["failed"]
+        for p in live:
+            assert math.isfinite(r["median_us"][p]) and r["median_us"][p] > 0, (p, r)
+        for p, err in r["rel_err_vs_reference"].items():  # the LoRA paths agree with bmm
+            assert err < 1e-4, (p, err, r)
+    assert result["cost_model"]
+    for m in result["cost_model"]:
+        assert {"predicted_inflection", "measured_inflection", "c1_s_per_mac"} <= set(m)
+    assert result["machine"]["cpu_model"] and result["versions"]["torch"]
+    assert result["settings"]["dtype"] == "float32"
+    return result
+
+
+def test_layer_bench_smoke(tmp_path: Path) -> None:
+    run_script(["benchmarks/layer_bench.py", "--smoke", "--out", str(tmp_path)], timeout=300)
+    result = _check_layer_result(tmp_path / "layer_cpu-smoke.json")
+    if importlib.util.find_spec("vllm") is not None:
+        assert result["paths"]["vllm_lora_torch"]["skipped"] is None
+    assert (tmp_path / "layer_cpu-smoke.png").exists() == HAS_MATPLOTLIB
+
+
+def test_layer_bench_needs_no_vllm(tmp_path: Path) -> None:
+    """The GPU box has torch and triton but no vLLM: its paths are skipped, the rest runs."""
+    code = (
+        "import runpy, sys; sys.modules['vllm'] = None; "  # `import vllm` now raises
+        f"sys.argv = ['layer_bench.py', '--smoke', '--no-plot', '--out', {str(tmp_path)!r}]; "
+        "runpy.run_path('benchmarks/layer_bench.py', run_name='__main__')"
+    )
+    run_script(["-c", code], timeout=300)
+    result = _check_layer_result(tmp_path / "layer_cpu-smoke.json")
+    assert "vLLM does not import" in result["paths"]["vllm_lora_torch"]["skipped"]
+
+
+# ---- Serving benchmark --------------------------------------------------------------------------
+METRICS = ("request_throughput", "output_throughput") + tuple(
+    f"{stat}_{m}_ms" for stat in ("mean", "median", "p99") for m in ("ttft", "tpot", "itl")
+)
+
+
+def test_serving_bench_smoke(tmp_path: Path) -> None:
+    """Tiny LLaMA, rank 1, two adapters: base, FLoRA and LoRA runs, each with vLLM's metrics."""
+    results = tmp_path / "results"
+    run_script(
+        [
+            "benchmarks/serving_bench.py", "--tiny",
+            "--modes", "base", "flora", "lora", "--ranks", "1", "--num-adapters", "2",
+            "--num-prompts", "4", "--input-len", "16", "--output-len", "8",
+            "--max-concurrency", "4",
+            "--workdir", str(tmp_path / "work"), "--results-dir", str(results),
+            "--tag", "smoke", "--no-plot",
+        ],  # fmt: skip
+        timeout=900,
+    )
+    result = json.loads((results / "smoke.json").read_text())
+    assert result["kind"] == "serving"
+    runs = {r["id"]: r for r in result["runs"]}
+    assert set(runs) == {"base", "lora-r1-n2", "flora-r1-n2"}
+    for run in runs.values():
+        assert run["error"] is None, run
+        m = run["metrics"]
+        assert m["completed"] == 4 and m["failed"] == 0  # an unknown adapter name would fail
+        for key in METRICS:
+            assert math.isfinite(m[key]) and m[key] >= 0, (run["id"], key, m.get(key))
+        assert os.path.exists(run["raw_result"])  # vLLM's own result file
+    assert runs["flora-r1-n2"]["adapters"] == ["flora-r1-0", "flora-r1-1"]
+    assert runs["lora-r1-n2"]["adapters"] == ["lora-r1-0", "lora-r1-1"]
+
+    servers = {s["key"]: s for s in result["servers"]}
+    assert servers["base"]["args"][-1] == "--no-enable-lora"  # the true vLLM baseline
+    lora_args = " ".join(servers["n2-maxrank1"]["args"])
+    assert "--max-lora-rank 1 --max-loras 2 --max-cpu-loras 4" in lora_args
+    assert servers["n2-maxrank1"]["env"]["FLORA_EXECUTION"] == "auto"
+
+    row = result["summary"]["2"]["by_rank"]["1"]
+    assert row["flora_over_base"] > 0 and row["flora_over_lora"] > 0
+    assert result["model"]["params_m"] > 0 and result["machine"]["logical_cpus"]
+    assert result["versions"]["flora-vllm"]
