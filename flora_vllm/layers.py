@@ -73,9 +73,12 @@ def merge_cache() -> MergedWeightCache:
 class FLoRALinearMixin:
     """Shared FLoRA verbs (`set_flora`, `reset_flora`) and the mixed-batch `apply`."""
 
-    flora_a: list[torch.Tensor]  # per slice [max_loras, R, in_partition]
-    flora_b: list[torch.Tensor]  # per slice [max_loras, R, out_slice] (B^T, scale folded)
-    flora_ranks: torch.Tensor  # [max_loras, n_slices] int64, 0 = no FLoRA in that slot/slice
+    # Stacks have max_loras + 1 slots; the last is the identity (slot -1 maps to it), and row
+    # k=0 of every slot without FLoRA at a slice is the identity too (A = 1, B = 1), so the
+    # rank-1 path is a plain gather with no masking.
+    flora_a: list[torch.Tensor]  # per slice [max_loras + 1, R, in_partition]
+    flora_b: list[torch.Tensor]  # per slice [max_loras + 1, R, out_slice] (B^T, scale folded)
+    flora_ranks: torch.Tensor  # [max_loras + 1, n_slices] int64, 0 = no FLoRA in slot/slice
     _flora_slots: set[int]  # slots holding a FLoRA adapter (host-side, no device sync)
     _flora_rank_host: list[list[int]]  # flora_ranks mirrored on the host, for planning
     _flora_version: list[int]  # bumped whenever a slot changes: keys the merged-weight cache
@@ -99,14 +102,18 @@ class FLoRALinearMixin:
         dt, dev = weight.dtype, weight.device
         in_size = weight.shape[1]
         self.flora_a = [
-            torch.zeros(max_loras, rank, in_size, dtype=dt, device=dev)
+            torch.zeros(max_loras + 1, rank, in_size, dtype=dt, device=dev)
             for _ in self.output_slices
         ]
         self.flora_b = [
-            torch.zeros(max_loras, rank, out, dtype=dt, device=dev) for out in self.output_slices
+            torch.zeros(max_loras + 1, rank, out, dtype=dt, device=dev)
+            for out in self.output_slices
         ]
+        for a, b in zip(self.flora_a, self.flora_b, strict=True):
+            a[:, 0] = 1  # identity rows
+            b[:, 0] = 1
         self.flora_ranks = torch.zeros(
-            max_loras, len(self.output_slices), dtype=torch.long, device=dev
+            max_loras + 1, len(self.output_slices), dtype=torch.long, device=dev
         )
         self._flora_slots = set()
         self._flora_rank_host = [[0] * len(self.output_slices) for _ in range(max_loras)]
@@ -140,6 +147,8 @@ class FLoRALinearMixin:
         for a, b in zip(self.flora_a, self.flora_b, strict=True):
             a[index] = 0
             b[index] = 0
+            a[index, 0] = 1  # identity row for the rank-1 path
+            b[index, 0] = 1
         self._flora_slots.discard(index)
         self._flora_rank_host[index] = [0] * len(self.output_slices)
         self._flora_version[index] += 1
@@ -183,26 +192,33 @@ class FLoRALinearMixin:
             slots = torch.cat([slots, pad])
         weight = self.base_layer.weight  # [sum(output_slices), in]
         execution = get_config().execution
+        n_slots = len(self._flora_version)
         # tokens per slot (index 0 = no adapter): one host sync, then planning is host-side
-        counts = [] if execution == "expanded" else torch.bincount(
-            slots + 1, minlength=len(self._flora_version) + 1
-        ).tolist()
+        counts = torch.bincount(slots + 1, minlength=n_slots + 1).tolist()
+        present = [s for s in self._flora_slots if counts[s + 1]]
+        ident = torch.remainder(slots, n_slots + 1)  # [T]; -1 -> the identity slot
         outs, start = [], 0
         for i, size in enumerate(self.output_slices):
             w_i = weight[start : start + size]
-            outs.append(
-                flora_linear_segments(
-                    x2,
-                    w_i,
-                    None if bias is None else bias[start : start + size],
-                    slots,
-                    self.flora_a[i],
-                    self.flora_b[i],
-                    self.flora_ranks[:, i],
-                    self._merged_weights(i, w_i, counts, execution),
-                    self._slice_gemms[i],
+            b_i = None if bias is None else bias[start : start + size]
+            max_rank = max((self._flora_rank_host[s][i] for s in present), default=0)
+            if max_rank <= 1 and execution != "merged":  # base cost: scale rows, one GEMM
+                y = self._slice_gemms[i](x2 * self.flora_a[i][ident, 0])
+                outs.append(_add_bias(y.mul_(self.flora_b[i][ident, 0]), b_i))
+            else:
+                outs.append(
+                    flora_linear_segments(
+                        x2,
+                        w_i,
+                        b_i,
+                        slots,
+                        self.flora_a[i],
+                        self.flora_b[i],
+                        self.flora_ranks[:, i],
+                        self._merged_weights(i, w_i, counts, execution),
+                        self._slice_gemms[i],
+                    )
                 )
-            )
             start += size
         output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, out]
         output = self._apply_lora_to_output(x2, output)  # LoRA slots (FLoRA slots hold zeros)
@@ -239,8 +255,11 @@ class FLoRALinearMixin:
     ) -> dict[int, Gemm]:
         """slot -> merged-weight GEMM for the adapter segments of slice i that run merged this pass:
         all of them under `merged`, those the cost model picks under `auto`, none otherwise."""
-        segs = [s for s in sorted(self._flora_slots)
-                if counts and counts[s + 1] and self._flora_rank_host[s][i]]
+        if execution == "expanded":
+            return {}
+        segs = [
+            s for s in sorted(self._flora_slots) if counts[s + 1] and self._flora_rank_host[s][i]
+        ]
         if not segs:
             return {}
         cache = merge_cache()

@@ -71,12 +71,17 @@ def flora_linear(
         [T, out]. Work follows each adapter's own rank, not the padded R.
     """
     gemm = gemm or linear_gemm(weight)
-    row_token, row_k, row_is_flora = expand_rows(token_slots, slot_ranks)
-    if not bool(row_is_flora.any()):
+    safe = token_slots.clamp(min=0)
+    tok_rank = torch.where(token_slots >= 0, slot_ranks[safe], 0)  # [T]
+    max_rank = int(tok_rank.max()) if len(tok_rank) else 0  # one host sync (CPU path)
+    if max_rank == 0:  # no FLoRA token here: the base layer
         return _add_bias(gemm(x), bias)
-    if len(row_token) == len(token_slots):  # every FLoRA token is rank 1: no expansion needed
-        return _rank1_linear(x, gemm, bias, token_slots, a_stacked, b_stacked, row_is_flora)
+    if max_rank == 1:  # rank-1 tokens only: scale rows in place of expanding them
+        is_flora = (tok_rank > 0).unsqueeze(1)  # [T, 1]
+        y = gemm(torch.where(is_flora, x * a_stacked[safe, 0], x))  # [T, out]
+        return _add_bias(torch.where(is_flora, y * b_stacked[safe, 0], y), bias)
 
+    row_token, row_k, row_is_flora = expand_rows(token_slots, slot_ranks)
     flora_rows = row_is_flora.nonzero().squeeze(1)  # [F]
     flora_slot = token_slots[row_token[flora_rows]]  # [F]
     flora_k = row_k[flora_rows]  # [F]
@@ -92,25 +97,6 @@ def flora_linear(
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y.add_(bias)
-
-
-def _rank1_linear(
-    x: torch.Tensor,
-    gemm: Gemm,
-    bias: torch.Tensor | None,
-    token_slots: torch.Tensor,
-    a_stacked: torch.Tensor,
-    b_stacked: torch.Tensor,
-    is_flora: torch.Tensor,
-) -> torch.Tensor:
-    """Rank-1 (or plain) tokens only: scale rows in place of expanding them, one matmul."""
-    flora_tok = is_flora.nonzero().squeeze(1)  # [F]
-    slots = token_slots[flora_tok]
-    x = x.clone()
-    x[flora_tok] *= a_stacked[slots, 0]
-    y = gemm(x)  # [T, out]
-    y[flora_tok] *= b_stacked[slots, 0]
-    return _add_bias(y, bias)
 
 
 def dense_flora_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
