@@ -221,7 +221,9 @@ class FLoRALinearMixin:
                 )
             start += size
         output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, out]
-        output = self._apply_lora_to_output(x2, output)  # LoRA slots (FLoRA slots hold zeros)
+        lora_tokens = any(n for s, n in enumerate(counts[1:]) if s not in self._flora_slots)
+        if lora_tokens:  # punica adds LoRA for LoRA slots (FLoRA slots hold zero LoRA weights)
+            output = self._apply_lora_to_output(x2, output)
         return output.reshape(*x.shape[:-1], output.shape[-1])
 
     def _apply_fused(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
