@@ -24,7 +24,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flora_vllm.ops.policy import calibrate, plan_segments  # noqa: E402
-from flora_vllm.ops.torch_ops import flora_linear_segments, merge_slot  # noqa: E402
+from flora_vllm.ops.torch_ops import flora_linear_segments, linear_gemm, merge_slot  # noqa: E402
+
+
+def _serving_gemm():
+    """The GEMM the FLoRA layers use when served: vLLM's packed CPU GEMM where vLLM imports,
+    else F.linear (e.g. on the GPU box, which has no vLLM)."""
+    try:
+        from flora_vllm.layers import make_gemm
+    except ImportError:
+        return linear_gemm, "F.linear"
+    return make_gemm, "vllm-cpu-gemm"
 
 TOKENS = (16, 64, 256)
 RANKS = (1, 2, 4, 8)
@@ -44,21 +54,22 @@ def _time(fn, reps: int, sync) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _cell(weight, a, b, x, cost, reps: int, sync) -> dict:
+def _cell(weight, a, b, x, cost, reps: int, sync, make_gemm) -> dict:
     """Times of one (tokens, rank) cell, all tokens on slot 0, relative to the base matmul."""
     r, n = a.shape[1], x.shape[0]
     ranks_t = torch.tensor([r], device=x.device)
     slots = torch.zeros(n, dtype=torch.long, device=x.device)
+    gemm = make_gemm(weight)
 
     def expanded() -> None:
-        flora_linear_segments(x, weight, None, slots, a, b, ranks_t, {})
+        flora_linear_segments(x, weight, None, slots, a, b, ranks_t, {}, gemm)
 
     def merged() -> None:
-        w = merge_slot(weight, a, b, 0, r)  # paid every call: no cache
-        flora_linear_segments(x, weight, None, slots, a, b, ranks_t, {0: w})
+        w = make_gemm(merge_slot(weight, a, b, 0, r))  # merge + pack paid every call: no cache
+        flora_linear_segments(x, weight, None, slots, a, b, ranks_t, {0: w}, gemm)
 
     use_merged = plan_segments([r], [n], [False], 0, weight.numel(), cost)[0]
-    base = _time(lambda: torch.nn.functional.linear(x, weight), reps, sync)
+    base = _time(lambda: gemm(x), reps, sync)
     t_exp = _time(expanded, reps, sync)
     t_mrg = _time(merged, reps, sync)
     t_auto = _time(merged if use_merged else expanded, reps, sync)
@@ -76,19 +87,20 @@ def run(size: int, tokens: tuple[int, ...], ranks: tuple[int, ...], reps: int, d
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator(device="cpu").manual_seed(0)
     weight = torch.randn(size, size, generator=gen).to(dev, dtype)
-    cost = calibrate(device, dtype)
+    make_gemm, gemm_name = _serving_gemm() if dev.type == "cpu" else (linear_gemm, "F.linear")
+    cost = calibrate(device, dtype, make_gemm=make_gemm)
     rows = []
     for r in ranks:
         a = (1 + 0.1 * torch.randn(1, r, size, generator=gen)).to(dev, dtype)
         b = ((1 + 0.1 * torch.randn(1, r, size, generator=gen)) / r).to(dev, dtype)
         for n in tokens:
             x = torch.randn(n, size, generator=gen).to(dev, dtype)
-            rows.append(_cell(weight, a, b, x, cost, reps, sync))
+            rows.append(_cell(weight, a, b, x, cost, reps, sync, make_gemm))
             row = rows[-1]
             print(f"T={n:4d} r={r}: expanded {row['expanded_x']:5.2f}x  "
                   f"merged {row['merged_x']:5.2f}x  auto[{row['auto_choice']:8s}] "
                   f"{row['auto_x']:5.2f}x  auto/best {row['auto_vs_best']:4.2f}")
-    return {"cost_model": cost.__dict__, "rows": rows}
+    return {"cost_model": cost.__dict__, "gemm": gemm_name, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:

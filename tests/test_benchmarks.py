@@ -173,3 +173,15 @@ def test_serving_bench_smoke(tmp_path: Path) -> None:
     assert row["flora_over_base"] > 0 and row["flora_over_lora"] > 0
     assert result["model"]["params_m"] > 0 and result["machine"]["logical_cpus"]
     assert result["versions"]["flora-vllm"]
+
+
+def test_policy_bench_smoke(tmp_path):
+    """The execution-policy layer benchmark runs end to end and records every cell."""
+    from benchmarks import policy_bench
+
+    assert policy_bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "policy_cpu_smoke.json").read_text())
+    assert len(result["rows"]) == 4
+    for row in result["rows"]:
+        assert row["auto_choice"] in ("expanded", "merged")
+        assert all(row[k] > 0 for k in ("expanded_x", "merged_x", "auto_x"))
