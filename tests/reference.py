@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from safetensors.torch import load_file
@@ -61,3 +62,20 @@ def greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
         logits = model(torch.tensor([ids])).logits[0, -1]
         ids.append(int(logits.argmax()))
     return ids[len(prompt) :]
+
+
+def ask_logprobs(client, model: str, prompt: list[int], max_tokens: int) -> tuple[list, list]:
+    """Greedy completion of a token-id prompt through the OpenAI client: (token ids, logprobs).
+    Token ids come back as "token_id:N" (`return_tokens_as_token_ids`): byte-level token strings
+    do not map back to ids."""
+    out = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        logprobs=1,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    lp = out.choices[0].logprobs
+    toks = [int(re.fullmatch(r"token_id:(\d+)", t).group(1)) for t in lp.tokens]
+    return toks, list(lp.token_logprobs)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
-from reference import greedy, load_reference, token_logprobs
+from reference import ask_logprobs, greedy, load_reference, token_logprobs
 
 pytestmark = [
     pytest.mark.ray,
@@ -62,17 +61,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def _ask(client: OpenAI, model: str, prompt: list[int]) -> tuple[list[int], list[float]]:
-    out = client.completions.create(
-        model=model,
-        prompt=prompt,
-        max_tokens=MAX_TOKENS,
-        temperature=0,
-        logprobs=1,
-        extra_body={"return_tokens_as_token_ids": True},
-    )
-    lp = out.choices[0].logprobs
-    toks = [int(re.fullmatch(r"token_id:(\d+)", t).group(1)) for t in lp.tokens]
-    return toks, list(lp.token_logprobs)
+    return ask_logprobs(client, model, prompt, MAX_TOKENS)
 
 
 def _check(app: RayApp, jobs: list[tuple[str, list[int]]], answers: list[Any]) -> float:

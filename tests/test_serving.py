@@ -4,13 +4,12 @@ token by token against transformers running the dense model with each adapter me
 from __future__ import annotations
 
 import random
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import ADAPTERS, serve
 from openai import OpenAI
-from reference import load_reference, token_logprobs
+from reference import ask_logprobs, load_reference, token_logprobs
 
 from flora_vllm.server import ServerProcess
 
@@ -27,17 +26,7 @@ def _prompts(seed: int = 0) -> list[list[int]]:
 
 
 def _ask(client: OpenAI, model: str, prompt: list[int]) -> tuple[list[int], list[float]]:
-    out = client.completions.create(
-        model=model,
-        prompt=prompt,
-        max_tokens=MAX_TOKENS,
-        temperature=0,
-        logprobs=1,
-        extra_body={"return_tokens_as_token_ids": True},
-    )
-    lp = out.choices[0].logprobs
-    toks = [int(re.fullmatch(r"token_id:(\d+)", t).group(1)) for t in lp.tokens]
-    return toks, list(lp.token_logprobs)
+    return ask_logprobs(client, model, prompt, MAX_TOKENS)
 
 
 def _prefix_cache_hits(server: ServerProcess) -> float:
