@@ -312,8 +312,7 @@ def server_args(plan: ServerPlan, args: argparse.Namespace, max_model_len: int) 
         "--no-enable-prefix-caching",
     ]  # fmt: skip
     if plan.max_lora_rank is None:
-        # ServerProcess adds --enable-lora unless the flag is given; the later switch wins.
-        out += ["--enable-lora", "--no-enable-lora"]
+        out += ["--no-enable-lora"]
     else:
         out += [
             "--enable-lora",

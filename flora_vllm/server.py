@@ -45,7 +45,8 @@ def _has_cuda() -> bool:
 def server_argv(user_args: Sequence[str], on_cpu: bool | None = None) -> list[str]:
     """vLLM server arguments: the user's, plus our defaults for flags they did not give."""
     args = list(user_args)
-    given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
+    # `--no-enable-lora` gives `--enable-lora` too: a switch the user turned off stays off.
+    given = {a.split("=", 1)[0].replace("--no-", "--", 1) for a in args if a.startswith("--")}
     defaults = dict(DEFAULT_FLAGS)
     if on_cpu if on_cpu is not None else not _has_cuda():
         defaults.update(CPU_DEFAULT_FLAGS)
