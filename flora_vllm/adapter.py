@@ -29,11 +29,15 @@ _KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.flora_(?P<ab>[AB])\.wei
 class FLoRAAdapterError(ValueError):
     """A FLoRA adapter folder that cannot be served; the message lists every problem."""
 
+    MESSAGE_PREFIX = "Invalid adapter"  # the API server maps messages with it to HTTP 400
+
     def __init__(self, adapter: str, problems: list[str]):
         self.adapter = adapter
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"Invalid adapter {adapter}: {len(problems)} problem(s):\n{lines}")
+        super().__init__(
+            f"{self.MESSAGE_PREFIX} {adapter}: {len(problems)} problem(s):\n{lines}"
+        )
 
 
 class FLoRAAdapterNotFoundError(FileNotFoundError):

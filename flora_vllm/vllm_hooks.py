@@ -40,7 +40,6 @@ from flora_vllm.adapter import (
 logger = logging.getLogger("flora_vllm")
 
 SUPPORTED_VLLM = "0.29.0"
-INVALID_ADAPTER_MARKER = "Invalid adapter"
 
 # (module, attribute) pairs the plugin replaces; each must exist in the pinned vLLM.
 HOOK_TARGETS: tuple[tuple[str, str], ...] = (
@@ -281,7 +280,7 @@ def _wrap_load_lora_adapter(orig: Callable) -> Callable:
         if (
             isinstance(result, ErrorResponse)
             and result.error.code == HTTPStatus.INTERNAL_SERVER_ERROR
-            and INVALID_ADAPTER_MARKER in result.error.message
+            and FLoRAAdapterError.MESSAGE_PREFIX in result.error.message
         ):
             result.error.code = HTTPStatus.BAD_REQUEST
             result.error.type = "BadRequestError"

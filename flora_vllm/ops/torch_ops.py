@@ -36,8 +36,15 @@ def expand_rows(
     Returns:
         row_token [R], row_k [R] and row_is_flora [R] (bool), R = Σ_t max(rank_t, 1).
     """
-    in_range = token_slots >= 0
-    tok_rank = torch.where(in_range, slot_ranks[token_slots.clamp(min=0)], 0)  # [T]
+    return _rows_of(token_ranks(token_slots, slot_ranks))
+
+
+def token_ranks(token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> torch.Tensor:
+    """[T] FLoRA rank of each token's adapter at this weight, 0 for a plain token."""
+    return torch.where(token_slots >= 0, slot_ranks[token_slots.clamp(min=0)], 0)
+
+
+def _rows_of(tok_rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows = tok_rank.clamp(min=1)  # a plain token keeps exactly one row
     row_token = torch.repeat_interleave(torch.arange(len(n_rows), device=n_rows.device), n_rows)
     row_start = torch.cumsum(n_rows, 0) - n_rows  # [T] first row of each token
@@ -72,7 +79,7 @@ def flora_linear(
     """
     gemm = gemm or linear_gemm(weight)
     safe = token_slots.clamp(min=0)
-    tok_rank = torch.where(token_slots >= 0, slot_ranks[safe], 0)  # [T]
+    tok_rank = token_ranks(token_slots, slot_ranks)  # [T]
     max_rank = int(tok_rank.max()) if len(tok_rank) else 0  # one host sync (CPU path)
     if max_rank == 0:  # no FLoRA token here: the base layer
         return _add_bias(gemm(x), bias)
@@ -81,7 +88,7 @@ def flora_linear(
         y = gemm(torch.where(is_flora, x * a_stacked[safe, 0], x))  # [T, out]
         return _add_bias(torch.where(is_flora, y * b_stacked[safe, 0], y), bias)
 
-    row_token, row_k, row_is_flora = expand_rows(token_slots, slot_ranks)
+    row_token, row_k, row_is_flora = _rows_of(tok_rank)
     flora_rows = row_is_flora.nonzero().squeeze(1)  # [F]
     flora_slot = token_slots[row_token[flora_rows]]  # [F]
     flora_k = row_k[flora_rows]  # [F]
