@@ -22,6 +22,10 @@ class FLoRAConfig:
     """Budget for merged weights kept across forward passes (0 = rebuild every time).
     Env FLORA_MERGE_CACHE_MB."""
 
+    adapter_roots: tuple[str, ...] = ()
+    """Directories adapters may be loaded from (resolved, symlinks followed); empty = anywhere.
+    Env FLORA_ADAPTER_ROOTS, separated by `os.pathsep`; `flora-vllm serve --adapter-root DIR`."""
+
     def __post_init__(self) -> None:
         problems = []
         if self.execution not in EXECUTIONS:
@@ -30,6 +34,9 @@ class FLoRAConfig:
             )
         if self.merge_cache_mb < 0:
             problems.append(f"FLORA_MERGE_CACHE_MB={self.merge_cache_mb}; use a size >= 0")
+        for root in self.adapter_roots:
+            if not os.path.isdir(root):
+                problems.append(f"FLORA_ADAPTER_ROOTS entry {root!r} is not a directory")
         if problems:
             raise ValueError("invalid flora_vllm settings: " + "; ".join(problems))
 
@@ -40,7 +47,12 @@ class FLoRAConfig:
             cache_mb = int(raw)
         except ValueError as e:
             raise ValueError(f"FLORA_MERGE_CACHE_MB={raw!r} is not an integer") from e
-        return cls(os.environ.get("FLORA_EXECUTION", "auto"), cache_mb)
+        roots = os.environ.get("FLORA_ADAPTER_ROOTS", "")
+        return cls(
+            os.environ.get("FLORA_EXECUTION", "auto"),
+            cache_mb,
+            tuple(os.path.realpath(r) for r in roots.split(os.pathsep) if r),
+        )
 
 
 @functools.cache

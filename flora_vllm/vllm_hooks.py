@@ -12,7 +12,21 @@ HOOKS with the reason; `patches/` holds the same changes as diffs against vLLM's
   weights (a cross-tenant leak); now such tokens get no LoRA.
 - `vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`: on the CPU with LoRA on,
   keep the unpacked weight next to vLLM's packed one (FLoRA merges read it) instead of freeing it.
-- `OpenAIServingModels.load_lora_adapter`: an invalid adapter answers 400, not 500.
+- `vllm.v1.core.kv_cache_utils._gen_lora_extra_hash_keys`: prefix-cache blocks are keyed by
+  adapter name *and id*, so a reloaded adapter never reuses KV computed with its old weights.
+- `OpenAIServingModels.load_lora_adapter`: an invalid adapter answers 400, not 500; a path outside
+  FLORA_ADAPTER_ROOTS answers 403; a reload (`load_inplace`) gets a fresh adapter id, so requests
+  in flight finish on the old weights and new ones get the new weights.
+- `OpenAIServingModels.unload_lora_adapter`: the engine drops an unloaded (or replaced) adapter
+  once its last request in flight has finished (stock vLLM keeps it until evicted).
+- `OutputProcessor._update_stats_from_finished`, `OutputProcessor.abort_requests`: per-adapter
+  Prometheus metrics (`flora_vllm.metrics`) and the release of retired adapters.
+- `vllm.entrypoints.launchers.app.init_entrypoints_middleware`: adds the per-adapter gauges'
+  refresh on `/metrics` and, with `--api-key`, the key check on every path but `/health`.
+- `WorkerWrapperBase.flora_lora_residency` (added): the collective RPC behind the residency gauge.
+- Read only: the worker's LoRA manager (`_adapter_manager`, `lora_index_to_id`,
+  `_registered_adapters`) for residency, and AsyncLLM's `output_processor.request_states` for
+  requests in flight.
 
 `apply_hooks()` checks the vLLM version and that every target exists before changing anything,
 so a vLLM upgrade fails loudly at start-up instead of silently serving wrong answers.
@@ -20,15 +34,20 @@ so a vLLM upgrade fails loudly at start-up instead of silently serving wrong ans
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import functools
 import importlib
 import logging
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
 import torch
 
+from flora_vllm import metrics
+from flora_vllm.access import AdapterPathRefusedError, ApiKeyMiddleware, check_adapter_path
 from flora_vllm.adapter import (
     PEFT_TYPE,
     FLoRAAdapterError,
@@ -36,6 +55,7 @@ from flora_vllm.adapter import (
     load_adapter,
     read_peft_type,
 )
+from flora_vllm.config import get_config
 
 logger = logging.getLogger("flora_vllm")
 
@@ -54,7 +74,13 @@ HOOK_TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.lora.punica_wrapper.punica_cpu", "bgmv_expand"),
     ("vllm.lora.punica_wrapper.punica_cpu", "bgmv_expand_slice"),
     ("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm"),
+    ("vllm.v1.core.kv_cache_utils", "_gen_lora_extra_hash_keys"),
     ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter"),
+    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.unload_lora_adapter"),
+    ("vllm.v1.engine.output_processor", "OutputProcessor._update_stats_from_finished"),
+    ("vllm.v1.engine.output_processor", "OutputProcessor.abort_requests"),
+    ("vllm.entrypoints.launchers.app", "init_entrypoints_middleware"),
+    ("vllm.v1.worker.worker_base", "WorkerWrapperBase.__getattr__"),  # RPC reaches the worker
 )
 
 _applied = False
@@ -176,6 +202,7 @@ def _wrap_load_adapter(orig: Callable) -> Callable:
         name, path = lora_request.lora_name, lora_request.lora_path
         label = f"'{name}' ({path})"
         try:
+            check_adapter_path(path, get_config().adapter_roots)  # the API server checked too
             abs_path = get_adapter_absolute_path(path)
             peft_type = read_peft_type(abs_path)
             if peft_type == PEFT_TYPE:
@@ -194,7 +221,7 @@ def _wrap_load_adapter(orig: Callable) -> Callable:
         except FLoRAAdapterNotFoundError as e:
             raise LoRAAdapterNotFoundError(name, path) from e
         except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:
-            raise FLoRAAdapterError(label, [f"{type(e).__name__}: {e}"]) from e
+            raise FLoRAAdapterError(label, [f"{type(e).__name__}: {e}"]) from e  # incl. refused
 
     return _load_adapter
 
@@ -268,14 +295,110 @@ def _wrap_cpu_gemm_dispatch(orig: Callable) -> Callable:
     return dispatch_cpu_unquantized_gemm
 
 
-# --- HTTP status of a bad adapter ------------------------------------------------------------
+# --- prefix cache -----------------------------------------------------------------------------
+
+
+def _lora_extra_hash_keys(request: Any) -> list[str]:
+    """Block-hash key of a request's adapter: name and id. Stock vLLM keys by name only, so an
+    adapter reloaded under its name with new weights would reuse KV blocks of the old weights."""
+    lora = request.lora_request
+    return [] if lora is None else [f"{lora.lora_name}#{lora.lora_int_id}"]
+
+
+# --- adapters in the API server: roots, reload, unload, release ------------------------------
+
+RETIRE_GRACE_S = 2.0  # a request that resolved an adapter just before it was replaced is
+# tokenized before it reaches the engine; the engine keeps the old adapter at least this long.
+_retiring: dict[int, Any] = {}  # adapter id -> engine client; dropped when no request uses it
+_tasks: set[asyncio.Task] = set()
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+def _ids_in_flight(engine: Any) -> set[int]:
+    states = engine.output_processor.request_states.values()
+    return {s.lora_request.lora_int_id for s in states if s.lora_request is not None}
+
+
+def _release_idle() -> None:
+    """Ask the engine to drop every retired adapter no request in flight still uses."""
+    for lora_id, engine in list(_retiring.items()):
+        if lora_id not in _ids_in_flight(engine):
+            del _retiring[lora_id]
+            _spawn(engine.remove_lora(lora_id))
+            logger.info("flora_vllm: released adapter id %d from the engine", lora_id)
+
+
+async def _retire_later(engine: Any, lora_id: int) -> None:
+    await asyncio.sleep(RETIRE_GRACE_S)
+    _retiring[lora_id] = engine
+    _release_idle()
+
+
+def _load_error(lora_request: Any, e: Exception) -> Any:
+    """The stock mapping of an engine load failure: missing folder 404, invalid adapter 400
+    (FLoRAAdapterError's message prefix crosses the process boundary), anything else 500."""
+    from vllm.entrypoints.serve import create_error_response
+    from vllm.exceptions import LoRAAdapterNotFoundError
+
+    missing = LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path)
+    if str(missing) in str(e):
+        return create_error_response(missing)
+    if FLoRAAdapterError.MESSAGE_PREFIX in str(e):
+        return create_error_response(str(e), "BadRequestError", HTTPStatus.BAD_REQUEST)
+    return create_error_response(str(e), "InternalServerError", HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+async def _reload(models: Any, request: Any, base_model_name: str | None) -> Any:
+    """Replace adapter `request.lora_name` with the folder's current files under a fresh id."""
+    from vllm.entrypoints.serve import create_error_response
+    from vllm.lora.request import LoRARequest
+
+    name = request.lora_name
+    async with models.lora_resolver_lock[name]:
+        if not request.lora_path:
+            return create_error_response(
+                "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput"
+            )
+        old = models.lora_requests.get(name)
+        new = LoRARequest(
+            lora_name=name,
+            lora_int_id=models.lora_id_counter.inc(1),
+            lora_path=request.lora_path,
+            is_3d_lora_weight=request.is_3d_lora_weight,
+        )
+        if base_model_name is not None and models.is_base_model(base_model_name):
+            new.base_model_name = base_model_name
+        elif old is not None:
+            new.base_model_name = old.base_model_name
+        try:
+            await models.engine_client.add_lora(new)
+        except Exception as e:
+            return _load_error(new, e)
+        models.lora_requests[name] = new
+    if old is not None:
+        _spawn(_retire_later(models.engine_client, old.lora_int_id))
+    logger.info("flora_vllm: reloaded adapter '%s' from '%s'", name, request.lora_path)
+    return f"Success: LoRA adapter '{name}' reloaded."
 
 
 def _wrap_load_lora_adapter(orig: Callable) -> Callable:
+    from vllm.entrypoints.serve import create_error_response
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     @functools.wraps(orig)
     async def load_lora_adapter(self: Any, request: Any, base_model_name: str | None = None):
+        if request.lora_path:
+            try:
+                check_adapter_path(request.lora_path, get_config().adapter_roots)
+            except AdapterPathRefusedError as e:
+                return create_error_response(str(e), "PermissionDenied", HTTPStatus.FORBIDDEN)
+        if request.load_inplace and request.lora_name in self.lora_requests:
+            return await _reload(self, request, base_model_name)
         result = await orig(self, request, base_model_name)
         if (
             isinstance(result, ErrorResponse)
@@ -287,6 +410,142 @@ def _wrap_load_lora_adapter(orig: Callable) -> Callable:
         return result
 
     return load_lora_adapter
+
+
+def _wrap_unload_lora_adapter(orig: Callable) -> Callable:
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    @functools.wraps(orig)
+    async def unload_lora_adapter(self: Any, request: Any):
+        old = self.lora_requests.get(request.lora_name) if request.lora_name else None
+        result = await orig(self, request)
+        if old is not None and not isinstance(result, ErrorResponse):
+            _spawn(_retire_later(self.engine_client, old.lora_int_id))
+        return result
+
+    return unload_lora_adapter
+
+
+# --- per-adapter metrics ---------------------------------------------------------------------
+
+_types: dict[int, str] = {}  # adapter id -> "flora" | "lora" (read once from its config)
+
+
+def _adapter_labels(lora_request: Any) -> tuple[str, str]:
+    """(adapter, adapter_type) metric labels of a request's adapter."""
+    if lora_request is None:
+        return "", "base"
+    kind = _types.get(lora_request.lora_int_id)
+    if kind is None:
+        try:
+            peft_type = read_peft_type(lora_request.lora_path)
+        except (OSError, ValueError):
+            peft_type = None
+        kind = _types[lora_request.lora_int_id] = "flora" if peft_type == PEFT_TYPE else "lora"
+    return lora_request.lora_name, kind
+
+
+def _observe_finished(req_state: Any, reason: str) -> None:
+    try:
+        stats = req_state.stats  # None with --disable-log-stats
+        metrics.record_finished(
+            *_adapter_labels(req_state.lora_request),
+            reason,
+            req_state.prompt_len or 0,
+            stats.num_generation_tokens if stats else None,
+            time.time() - stats.arrival_time if stats else None,
+            stats.first_token_latency if stats else None,
+        )
+    except Exception:  # metrics must never take a request down
+        logger.exception("flora_vllm: per-adapter metrics failed")
+
+
+def _wrap_update_stats_from_finished(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def _update_stats_from_finished(self: Any, req_state: Any, finish_reason: Any, *args: Any):
+        orig(self, req_state, finish_reason, *args)
+        _observe_finished(req_state, str(finish_reason))
+        if _retiring:
+            _release_idle()
+
+    return _update_stats_from_finished
+
+
+def _wrap_abort_requests(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def abort_requests(self: Any, request_ids: Any, *args: Any, **kwargs: Any) -> list[str]:
+        states = dict(self.request_states)  # aborts are rare; the states are gone afterwards
+        aborted = orig(self, request_ids, *args, **kwargs)
+        for request_id in aborted:
+            if (state := states.get(request_id)) is not None:
+                _observe_finished(state, "abort")
+        if _retiring:
+            _release_idle()
+        return aborted
+
+    return abort_requests
+
+
+RESIDENCY_RPC = "flora_lora_residency"  # method the plugin adds to vLLM's worker wrapper
+
+
+def worker_lora_residency(worker: Any) -> list[tuple[int, str]]:
+    """Runs in each worker (collective RPC): (adapter id, "device" | "host") for every adapter
+    the worker holds; device = in a slot the batch reads, host = in the LRU cache only."""
+    manager = worker.model_runner.lora_manager._adapter_manager
+    slots = {i for i in manager.lora_index_to_id if i is not None}
+    return [(i, "device" if i in slots else "host") for i in list(manager._registered_adapters)]
+
+
+async def _refresh_live_gauges(state: Any) -> None:
+    """Set the scrape-time gauges (requests in flight, residency) from the engine's state."""
+    engine = getattr(state, "engine_client", None)
+    models = getattr(state, "openai_serving_models", None)
+    if engine is None or not hasattr(models, "lora_requests"):
+        return
+    in_flight = collections.Counter(
+        _adapter_labels(s.lora_request) for s in engine.output_processor.request_states.values()
+    )
+    residency = None
+    try:
+        where: dict[int, str] = {}
+        for rows in await engine.collective_rpc(RESIDENCY_RPC, timeout=10.0):
+            for lora_id, location in rows:
+                if where.get(lora_id) != "device":
+                    where[lora_id] = location
+        residency = [
+            (*_adapter_labels(r), where.get(r.lora_int_id)) for r in models.lora_requests.values()
+        ]
+    except Exception as e:  # no LoRA, engine busy or dead: serve the rest of /metrics
+        logger.warning("flora_vllm: adapter residency unavailable: %s", e)
+    metrics.set_live_state(dict(in_flight), residency)
+
+
+class LiveGaugesMiddleware:
+    """ASGI middleware: a `/metrics` scrape first refreshes the per-adapter gauges."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path = scope["path"].removeprefix(scope.get("root_path", ""))
+            if path.rstrip("/") == "/metrics" and "app" in scope:
+                await _refresh_live_gauges(scope["app"].state)
+        await self.app(scope, receive, send)
+
+
+def _wrap_init_middleware(orig: Callable) -> Callable:
+    from vllm import envs
+
+    @functools.wraps(orig)
+    def init_entrypoints_middleware(args: Any, app: Any, *rest: Any, **kwargs: Any) -> None:
+        orig(args, app, *rest, **kwargs)
+        app.add_middleware(LiveGaugesMiddleware)
+        if tokens := [k for k in (args.api_key or [envs.VLLM_API_KEY]) if k]:
+            app.add_middleware(ApiKeyMiddleware, tokens=tokens)  # added last: runs first
+
+    return init_entrypoints_middleware
 
 
 def apply_hooks() -> None:
@@ -308,9 +567,17 @@ def apply_hooks() -> None:
         "vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm", _wrap_cpu_gemm_dispatch
     )
     _patch(
-        "vllm.entrypoints.openai.models.serving",
-        "OpenAIServingModels.load_lora_adapter",
-        _wrap_load_lora_adapter,
+        "vllm.v1.core.kv_cache_utils", "_gen_lora_extra_hash_keys", lambda _: _lora_extra_hash_keys
     )
+    serving = "vllm.entrypoints.openai.models.serving"
+    _patch(serving, "OpenAIServingModels.load_lora_adapter", _wrap_load_lora_adapter)
+    _patch(serving, "OpenAIServingModels.unload_lora_adapter", _wrap_unload_lora_adapter)
+    outputs = "vllm.v1.engine.output_processor"
+    _patch(outputs, "OutputProcessor._update_stats_from_finished", _wrap_update_stats_from_finished)
+    _patch(outputs, "OutputProcessor.abort_requests", _wrap_abort_requests)
+    _patch("vllm.entrypoints.launchers.app", "init_entrypoints_middleware", _wrap_init_middleware)
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    setattr(WorkerWrapperBase, RESIDENCY_RPC, worker_lora_residency)  # collective RPC target
     _applied = True
     logger.info("flora_vllm: FLoRA hooks installed into vLLM %s", SUPPORTED_VLLM)
