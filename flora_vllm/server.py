@@ -56,6 +56,28 @@ def server_argv(user_args: Sequence[str], on_cpu: bool | None = None) -> list[st
     return args
 
 
+ADAPTER_ROOT_FLAG = "--adapter-root"  # ours, not vLLM's: becomes FLORA_ADAPTER_ROOTS
+
+
+def split_flora_flags(user_args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Take our own flags out of a server command line: (vLLM args, env settings for them).
+    `--adapter-root DIR` (repeatable) sets FLORA_ADAPTER_ROOTS, read by every vLLM process."""
+    args, roots = [], []
+    it = iter(user_args)
+    for a in it:
+        if a == ADAPTER_ROOT_FLAG:
+            value = next(it, None)
+            if value is None or value.startswith("--"):
+                raise ValueError(f"{ADAPTER_ROOT_FLAG} needs a directory")
+            roots.append(value)
+        elif a.startswith(ADAPTER_ROOT_FLAG + "="):
+            roots.append(a.split("=", 1)[1])
+        else:
+            args.append(a)
+    env = {"FLORA_ADAPTER_ROOTS": os.pathsep.join(os.path.abspath(r) for r in roots)}
+    return args, env if roots else {}
+
+
 def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for the server: ours only where the caller has not set the variable."""
     env = dict(os.environ if base is None else base)
@@ -66,8 +88,9 @@ def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def exec_server(user_args: Sequence[str]) -> None:
     """Replace this process with vLLM's OpenAI server (so signals and exit codes are vLLM's)."""
-    argv = [sys.executable, "-m", API_SERVER_MODULE, *server_argv(user_args)]
-    os.execve(sys.executable, argv, server_env())
+    args, env = split_flora_flags(user_args)
+    argv = [sys.executable, "-m", API_SERVER_MODULE, *server_argv(args)]
+    os.execve(sys.executable, argv, server_env({**os.environ, **env}))
 
 
 def free_port() -> int:
@@ -94,6 +117,7 @@ class ServerProcess:
     def start(self, timeout: float = 600.0) -> ServerProcess:
         """Start the server and wait until /health answers; raise with the log tail if not."""
         self.port = self.port or free_port()
+        args, roots_env = split_flora_flags(self.args)
         argv = [
             sys.executable,
             "-m",
@@ -104,9 +128,9 @@ class ServerProcess:
             "127.0.0.1",
             "--port",
             str(self.port),
-            *server_argv(self.args),
+            *server_argv(args),
         ]
-        env = server_env({**os.environ, **self.env})
+        env = server_env({**os.environ, **self.env, **roots_env})
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,42 @@ def test_patched_cpu_ops_give_no_lora_to_tokens_without_adapter(tmp_path):
     ops.bgmv_shrink(x, lora_a, out, torch.tensor([0, -1, 1]), 1.0)
     torch.testing.assert_close(out[1], torch.zeros(5))
     torch.testing.assert_close(out[0], lora_a[0, 0] @ x[0])
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
+def test_all_patches_apply_in_order(tmp_path):
+    """Upstream would take them together: each applies on top of the ones before."""
+    for target in sorted({t for p in PATCHES for t in _targets(p)}):
+        os.makedirs(tmp_path / os.path.dirname(target), exist_ok=True)
+        shutil.copy(SITE / target, tmp_path / target)
+    for patch in PATCHES:
+        result = _apply(patch, tmp_path, dry_run=False)
+        assert result.returncode == 0, (patch.name, result.stdout + result.stderr)
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
+def test_patched_prefix_cache_key_tells_reloads_apart(tmp_path):
+    """0007 applied: the same adapter name under a new id hashes to a different key."""
+    from types import SimpleNamespace
+
+    from vllm.lora.request import LoRARequest
+
+    patch = next(p for p in PATCHES if p.name.startswith("0007"))
+    (target,) = _targets(patch)
+    os.makedirs(tmp_path / os.path.dirname(target))
+    shutil.copy(SITE / target, tmp_path / target)
+    assert _apply(patch, tmp_path, dry_run=False).returncode == 0
+    spec = importlib.util.spec_from_file_location("patched_kv_cache_utils", tmp_path / target)
+    utils = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = utils  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(utils)
+    finally:
+        del sys.modules[spec.name]
+
+    def keys(lora_id: int) -> list[str]:
+        req = SimpleNamespace(lora_request=LoRARequest("a", lora_id, "/x"))
+        return utils._gen_lora_extra_hash_keys(req)
+
+    assert keys(1) != keys(2) and keys(1) == keys(1)
+    assert utils._gen_lora_extra_hash_keys(SimpleNamespace(lora_request=None)) == []
