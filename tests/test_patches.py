@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -38,16 +39,26 @@ def test_patch_applies_to_installed_vllm(patch):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _patched_module(number: str, root: Path) -> ModuleType:
+    """The one file patch `number` changes, patched under `root` and imported on its own."""
+    patch = next(p for p in PATCHES if p.name.startswith(number))
+    (target,) = _targets(patch)
+    os.makedirs(root / os.path.dirname(target))
+    shutil.copy(SITE / target, root / target)
+    assert _apply(patch, root, dry_run=False).returncode == 0
+    spec = importlib.util.spec_from_file_location(f"patched_{number}", root / target)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
 @pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
 def test_patched_cpu_ops_give_no_lora_to_tokens_without_adapter(tmp_path):
-    patch = next(p for p in PATCHES if p.name.startswith("0001"))
-    (target,) = _targets(patch)
-    os.makedirs(tmp_path / os.path.dirname(target))
-    shutil.copy(SITE / target, tmp_path / target)
-    assert _apply(patch, tmp_path, dry_run=False).returncode == 0
-    spec = importlib.util.spec_from_file_location("patched_lora_ops", tmp_path / target)
-    ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ops)
+    ops = _patched_module("0001", tmp_path)
     x, lora_a = torch.ones(3, 4), torch.randn(2, 1, 5, 4)
     out = torch.zeros(3, 5)
     ops.bgmv_shrink(x, lora_a, out, torch.tensor([0, -1, 1]), 1.0)
@@ -73,18 +84,7 @@ def test_patched_prefix_cache_key_tells_reloads_apart(tmp_path):
 
     from vllm.lora.request import LoRARequest
 
-    patch = next(p for p in PATCHES if p.name.startswith("0007"))
-    (target,) = _targets(patch)
-    os.makedirs(tmp_path / os.path.dirname(target))
-    shutil.copy(SITE / target, tmp_path / target)
-    assert _apply(patch, tmp_path, dry_run=False).returncode == 0
-    spec = importlib.util.spec_from_file_location("patched_kv_cache_utils", tmp_path / target)
-    utils = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = utils  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(utils)
-    finally:
-        del sys.modules[spec.name]
+    utils = _patched_module("0007", tmp_path)
 
     def keys(lora_id: int) -> list[str]:
         req = SimpleNamespace(lora_request=LoRARequest("a", lora_id, "/x"))
