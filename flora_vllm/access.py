@@ -30,11 +30,14 @@ def _inside(path: str, roots: Sequence[str]) -> bool:
 
 def check_adapter_path(path: str, roots: Sequence[str]) -> None:
     """Raise AdapterPathRefusedError unless `path` and every file under it resolve inside one
-    of `roots` (already resolved with realpath). No roots: anything goes."""
+    of `roots` (already resolved with realpath), ValueError for a null byte. No roots: anything
+    goes."""
     if not roots:
         return
+    if "\x00" in path:  # a malformed request rather than a path outside the roots
+        raise ValueError("adapter path contains a null byte")
     where = f"adapter path {path!r} is {REFUSED} ({os.pathsep.join(roots)})"
-    if not isinstance(path, str) or not path or "\x00" in path:
+    if not path:
         raise AdapterPathRefusedError(f"{where}: not a local folder path")
     local = os.path.expanduser(path)
     if "://" in path or not (os.path.isabs(local) or os.path.exists(local)):  # vLLM would fetch

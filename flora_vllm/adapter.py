@@ -111,7 +111,7 @@ def read_peft_type(adapter_dir: str) -> str | None:
     try:
         with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
             raw = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return raw.get("peft_type") if isinstance(raw, dict) else None
 
@@ -124,7 +124,7 @@ def load_config(adapter_dir: str) -> FLoRAAdapterConfig:
     try:
         with open(path) as f:
             raw = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise FLoRAAdapterError(adapter_dir, [f"{CONFIG_NAME} is not valid JSON: {e}"]) from e
     if not isinstance(raw, dict):
         raise FLoRAAdapterError(adapter_dir, [f"{CONFIG_NAME} must hold a JSON object"])
@@ -234,13 +234,33 @@ def load_adapter(
                 problems.append(f"{path}.flora_{name} holds NaN or inf values")
                 bad = True
         if not bad:
-            result[path] = FLoRAModuleWeights(
-                a=a.to(torch.float32).to(dtype).contiguous(),
-                b=(b.to(torch.float32) * cfg.scale).to(dtype).contiguous(),
+            w = FLoRAModuleWeights(
+                a=a.to(torch.float64).to(dtype).contiguous(),
+                b=(b.to(torch.float64) * cfg.scale).to(dtype).contiguous(),
             )
+            if problem := _overflow(w, dtype):
+                problems.append(f"{path}: {problem}")
+            else:
+                result[path] = w
     if problems:
         raise FLoRAAdapterError(adapter_dir, problems)
     return cfg, result
+
+
+def _overflow(w: FLoRAModuleWeights, dtype: torch.dtype) -> str | None:
+    """Why factors that are finite on disk cannot be served in `dtype` (None: they can): a value
+    or the merged factor (flora_alpha / r)·B@A overflows it (NaN answers for this adapter)."""
+    if not (bool(torch.isfinite(w.a).all()) and bool(torch.isfinite(w.b).all())):
+        return f"the factors overflow {dtype} once scaled by flora_alpha / r and cast"
+    limit = torch.finfo(dtype).max
+    a, b = w.a.double(), w.b.double()
+    bound = (b.abs().amax(dim=0) * a.abs().amax(dim=1)).sum()  # >= max |B @ A|, cheap
+    if bound <= limit:
+        return None
+    worst = max(float((b[i : i + 1024] @ a).abs().max()) for i in range(0, b.shape[0], 1024))
+    if worst > limit:
+        return f"the merged factor (flora_alpha / r)·B@A reaches {worst:.3g}, over {dtype}'s max"
+    return None
 
 
 def save_adapter(

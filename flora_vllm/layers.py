@@ -322,7 +322,16 @@ class MergedColumnParallelLinearWithFLoRA(FLoRALinearMixin, MergedColumnParallel
         return [(out, self.base_layer.input_size) for out in self.base_layer.output_sizes]
 
 
-class QKVParallelLinearWithFLoRA(FLoRALinearMixin, QKVParallelLinearWithLoRA):
+class FiniteKVMixin:
+    """qkv layers: NaN/inf never reach the KV cache. An adapter whose activations overflow must
+    spoil its own answers only; vLLM's CPU attention reads stale positions of a reused KV block
+    with weight 0, and 0 × NaN would hand the next tenant NaN (tests: test_bad_input)."""
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nan_to_num_(super().apply(x, bias))  # type: ignore[misc]
+
+
+class QKVParallelLinearWithFLoRA(FiniteKVMixin, FLoRALinearMixin, QKVParallelLinearWithLoRA):
     """A fused qkv weight that adapters treat as one module (StarCoder `c_attn`)."""
 
     def flora_full_shapes(self) -> list[tuple[int, int]]:
@@ -330,7 +339,9 @@ class QKVParallelLinearWithFLoRA(FLoRALinearMixin, QKVParallelLinearWithLoRA):
         return [(out, self.base_layer.input_size)]
 
 
-class MergedQKVParallelLinearWithFLoRA(FLoRALinearMixin, MergedQKVParallelLinearWithLoRA):
+class MergedQKVParallelLinearWithFLoRA(
+    FiniteKVMixin, FLoRALinearMixin, MergedQKVParallelLinearWithLoRA
+):
     """q, k, v packed into one weight, one FLoRA per slice (LLaMA `qkv_proj`)."""
 
     def flora_full_shapes(self) -> list[tuple[int, int]]:

@@ -203,7 +203,10 @@ def _wrap_load_adapter(orig: Callable) -> Callable:
         label = f"'{name}' ({path})"
         try:
             check_adapter_path(path, get_config().adapter_roots)  # the API server checked too
-            abs_path = get_adapter_absolute_path(path)
+            try:
+                abs_path = get_adapter_absolute_path(path)
+            except FileNotFoundError as e:  # e.g. a hub id with no network: stock vLLM says 404
+                raise LoRAAdapterNotFoundError(name, path) from e
             peft_type = read_peft_type(abs_path)
             if peft_type == PEFT_TYPE:
                 return _load_flora(self, lora_request, abs_path)
@@ -215,15 +218,30 @@ def _wrap_load_adapter(orig: Callable) -> Callable:
                         f"'{PEFT_TYPE}' adapters only"
                     ],
                 )
-            return orig(self, lora_request)
+            lora = orig(self, lora_request)
+            _check_lora_finite(label, lora)
+            return lora
         except (LoRAAdapterNotFoundError, FLoRAAdapterError):
             raise
         except FLoRAAdapterNotFoundError as e:
             raise LoRAAdapterNotFoundError(name, path) from e
-        except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:
+        except (ValueError, KeyError, TypeError, OSError, RecursionError, SafetensorError) as e:
             raise FLoRAAdapterError(label, [f"{type(e).__name__}: {e}"]) from e  # incl. refused
 
     return _load_adapter
+
+
+def _check_lora_finite(label: str, lora: Any) -> None:
+    """Refuse a LoRA adapter with NaN/inf weights (vLLM checks none; FLoRA's loader does)."""
+    bad = []
+    for module, weights in lora.loras.items():
+        for which in ("lora_a", "lora_b"):
+            t = getattr(weights, which, None)
+            parts = t if isinstance(t, list) else [t]
+            if any(p is not None and not bool(torch.isfinite(p).all()) for p in parts):
+                bad.append(f"{module}.{which} holds NaN or inf values")
+    if bad:
+        raise FLoRAAdapterError(label, bad)
 
 
 def _wrap_add_adapter(orig: Callable) -> Callable:
@@ -242,7 +260,13 @@ def _wrap_activate_adapter(orig: Callable) -> Callable:
 
     @functools.wraps(orig)
     def activate_adapter(self: Any, lora_id: int) -> bool:
-        activated = orig(self, lora_id)  # FLoRA models hold no LoRA weights: LoRA slot zeroed
+        try:
+            activated = orig(self, lora_id)  # FLoRA models hold no LoRA weights: slot zeroed
+        except RuntimeError as e:  # LoRA weights that do not fit the layers (e.g. wrong width)
+            self.remove_adapter(lora_id)  # frees the half-written slot and the cache entry
+            raise FLoRAAdapterError(
+                f"id {lora_id}", [f"its LoRA weights do not fit the model's layers: {e}"]
+            ) from e
         if activated:
             index = self.lora_index_to_id.index(lora_id)
             flora = getattr(self._registered_adapters[lora_id], "flora", {})
@@ -262,7 +286,11 @@ def _wrap_activate_adapter(orig: Callable) -> Callable:
 
 
 def _skip_unadapted_tokens(op: Callable) -> Callable:
-    """bgmv op where tokens with slot -1 contribute nothing (stock: they wrap to the last slot)."""
+    """bgmv op where tokens with slot -1 get no LoRA and keep their output rows exactly (stock:
+    they wrap to the last slot). Computing them on a clamped slot and zeroing the input is not
+    enough: 0 × a NaN weight of that slot's adapter is NaN, one tenant's overflow in another's
+    answer. Also survives vLLM's prompt-logprobs call, which passes one request's prompt rows
+    with the batch's per-request indices (upstream crash, vLLM #29955)."""
     if getattr(op, "_flora_masked", False):
         return op
 
@@ -275,12 +303,37 @@ def _skip_unadapted_tokens(op: Callable) -> Callable:
         *args: Any,
         **kwargs: Any,
     ) -> Any:
-        valid = (indices >= 0).unsqueeze(1)  # [T, 1]
-        inputs = torch.where(valid, inputs, torch.zeros((), dtype=inputs.dtype))
-        return op(inputs, weights, output, indices.clamp(min=0), *args, **kwargs)
+        rows = inputs.shape[0]
+        if indices.shape[0] == 1 and rows != 1:  # one request in the batch: all rows are its
+            indices = indices.expand(rows)
+        elif indices.shape[0] != rows:  # prompt logprobs of an unknown request of the batch
+            _warn_prompt_logprobs_without_lora(weights)
+            return None
+        skip = indices < 0
+        if not bool(skip.any()):
+            return op(inputs, weights, output, indices, *args, **kwargs)
+        kept = output[skip].clone()
+        result = op(inputs, weights, output, indices.clamp(min=0), *args, **kwargs)
+        output[skip] = kept
+        return result
 
     masked._flora_masked = True  # type: ignore[attr-defined]
     return masked
+
+
+_warned_prompt_logprobs = False
+
+
+def _warn_prompt_logprobs_without_lora(weights: torch.Tensor) -> None:
+    """Prompt logprobs skip the lm_head LoRA: exact unless an adapter has lm_head weights."""
+    global _warned_prompt_logprobs
+    if not _warned_prompt_logprobs and bool(weights.any()):
+        _warned_prompt_logprobs = True
+        logger.warning(
+            "flora_vllm: prompt_logprobs of a batch with several requests are computed without "
+            "the lm_head LoRA weights of an adapter (vLLM 0.29 cannot tell the rows apart); "
+            "sampled tokens and their logprobs are exact"
+        )
 
 
 def _wrap_cpu_gemm_dispatch(orig: Callable) -> Callable:
@@ -392,11 +445,18 @@ def _wrap_load_lora_adapter(orig: Callable) -> Callable:
 
     @functools.wraps(orig)
     async def load_lora_adapter(self: Any, request: Any, base_model_name: str | None = None):
+        if request.lora_name and self.is_base_model(request.lora_name):
+            return create_error_response(
+                f"adapter name '{request.lora_name}' is the served model's name; pick another",
+                "InvalidUserInput",
+            )
         if request.lora_path:
             try:
                 check_adapter_path(request.lora_path, get_config().adapter_roots)
             except AdapterPathRefusedError as e:
                 return create_error_response(str(e), "PermissionDenied", HTTPStatus.FORBIDDEN)
+            except ValueError as e:
+                return create_error_response(str(e), "InvalidUserInput")
         if request.load_inplace and request.lora_name in self.lora_requests:
             return await _reload(self, request, base_model_name)
         result = await orig(self, request, base_model_name)
