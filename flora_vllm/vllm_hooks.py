@@ -5,11 +5,14 @@ HOOKS with the reason; `patches/` holds the same changes as diffs against vLLM's
 
 - `vllm.lora.utils._all_lora_classes`: our `<Base>WithFLoRA` layers are tried first.
 - `WorkerLoRAManager._load_adapter`: FLoRA folders load as FLoRAModel; unknown peft_type values
-  are refused (stock vLLM applies them as additive LoRA); load errors carry a 4xx marker.
+  are refused (stock vLLM applies them as additive LoRA); LoRA weights with NaN/inf are refused;
+  paths outside FLORA_ADAPTER_ROOTS are refused; load errors carry a 4xx marker.
 - `LoRAModelManager._add_adapter`: a FLoRA model skips LoRA's packing step (nothing to pack).
-- `LoRAModelManager.activate_adapter`: filling a slot also sets or clears its FLoRA factors.
+- `LoRAModelManager.activate_adapter`: filling a slot also sets or clears its FLoRA factors; LoRA
+  weights that do not fit the layers free the slot and are a 400, not an engine error.
 - `vllm.lora.ops.torch_ops` bgmv ops (CPU punica): a token with slot -1 indexed the last slot's
-  weights (a cross-tenant leak); now such tokens get no LoRA.
+  weights (a cross-tenant leak); now such tokens get exactly no LoRA (not even 0 × NaN), and
+  vLLM's prompt-logprobs call (one request's rows, per-request indices) no longer crashes.
 - `vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`: on the CPU with LoRA on,
   keep the unpacked weight next to vLLM's packed one (FLoRA merges read it) instead of freeing it.
 - `vllm.v1.core.kv_cache_utils._gen_lora_extra_hash_keys`: prefix-cache blocks are keyed by

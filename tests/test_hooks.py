@@ -58,3 +58,33 @@ def test_cpu_lora_ops_skip_tokens_without_adapter():
     vllm_hooks._skip_unadapted_tokens(stock)(x, lora_a, fixed, idx, 1.0)
     torch.testing.assert_close(fixed[1], torch.zeros(5))
     torch.testing.assert_close(fixed[[0, 2]], leaked[[0, 2]])
+
+
+def test_cpu_lora_ops_keep_nan_of_a_slot_out_of_unadapted_rows():
+    """A token without adapter must not compute 0 × (a NaN adapter's weight) = NaN."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    stock = getattr(lora_ops.bgmv_expand, "__wrapped__", lora_ops.bgmv_expand)
+    masked = vllm_hooks._skip_unadapted_tokens(stock)
+    lora_b = torch.randn(2, 1, 5, 3)  # [slots, 1, out, rank]
+    lora_b[0, 0, 2, 1] = float("nan")  # slot 0: an adapter whose weights overflowed
+    y = torch.arange(15.0).view(3, 5)
+    masked(torch.ones(3, 3), lora_b, y, torch.tensor([1, -1, 1]), add_inputs=True)
+    torch.testing.assert_close(y[1], torch.arange(5.0, 10.0))  # untouched, finite
+    assert bool(torch.isfinite(y).all())
+
+
+def test_cpu_lora_ops_survive_prompt_logprobs_rows():
+    """vLLM's prompt-logprobs call: one request's N prompt rows with the batch's B per-request
+    indices. One request: its adapter on every row; several: no LoRA (not a crash)."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    stock = getattr(lora_ops.bgmv_shrink, "__wrapped__", lora_ops.bgmv_shrink)
+    masked = vllm_hooks._skip_unadapted_tokens(stock)
+    x, lora_a = torch.randn(7, 4), torch.randn(2, 1, 3, 4)
+    one = torch.zeros(7, 3)
+    masked(x, lora_a, one, torch.tensor([1]), 1.0)
+    torch.testing.assert_close(one, x @ lora_a[1, 0].T)
+    several = torch.full((7, 3), 5.0)
+    masked(x, lora_a, several, torch.tensor([0, 1]), 1.0)
+    torch.testing.assert_close(several, torch.full((7, 3), 5.0))

@@ -64,6 +64,12 @@ def test_patched_cpu_ops_give_no_lora_to_tokens_without_adapter(tmp_path):
     ops.bgmv_shrink(x, lora_a, out, torch.tensor([0, -1, 1]), 1.0)
     torch.testing.assert_close(out[1], torch.zeros(5))
     torch.testing.assert_close(out[0], lora_a[0, 0] @ x[0])
+    # A NaN in the slot a token without adapter is clamped to must not reach its row.
+    lora_a[0, 0, 0, 0] = float("nan")
+    out = torch.zeros(2, 5)
+    ops.bgmv_shrink(x[:2], lora_a, out, torch.tensor([-1, 1]), 1.0)
+    torch.testing.assert_close(out[0], torch.zeros(5))
+    assert bool(torch.isfinite(out[1]).all())
 
 
 @pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
