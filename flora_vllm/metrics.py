@@ -8,9 +8,12 @@ counted under `adapter=""`, `adapter_type="base"`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 LABELS = ("adapter", "adapter_type")
 LOCATIONS = ("device", "host")
@@ -89,3 +92,39 @@ def set_live_state(
     for adapter, adapter_type, location in residency:
         for loc in LOCATIONS:
             RESIDENT.labels(adapter, adapter_type, loc).set(1.0 if loc == location else 0.0)
+
+
+FAMILIES = (REQUESTS, PROMPT_TOKENS, GENERATION_TOKENS, E2E_LATENCY, TTFT, IN_FLIGHT, RESIDENT)
+
+
+def snapshot() -> list[dict[str, Any]]:
+    """This process's per-adapter samples as plain data (a Ray replica sends them to the
+    ingress, which serves every replica's on one `/metrics`)."""
+    return [
+        {
+            "name": family.name,
+            "type": family.type,
+            "doc": family.documentation,
+            "samples": [(s.name, dict(s.labels), s.value) for s in family.samples],
+        }
+        for metric in FAMILIES
+        for family in metric.collect()
+    ]
+
+
+def render(snapshots: Mapping[str, list[dict[str, Any]]]) -> str:
+    """Prometheus text of several processes' snapshots, each sample labelled `replica=<key>`."""
+    merged: dict[str, Metric] = {}
+    for replica, families in snapshots.items():
+        for f in families:
+            family = merged.setdefault(f["name"], Metric(f["name"], f["doc"], f["type"]))
+            for name, labels, value in f["samples"]:
+                family.add_sample(name, {**labels, "replica": replica}, value)
+
+    class _Snapshots(Collector):
+        def collect(self) -> Iterable[Metric]:
+            return merged.values()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshots())
+    return generate_latest(registry).decode()

@@ -35,6 +35,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import PrivateAttr
 from ray import serve
 from ray.llm._internal.common.models import global_id_manager
@@ -61,8 +62,11 @@ from ray.serve.request_router import (
     RequestRouter,
     RunningReplica,
 )
+from starlette.responses import Response
 
+from flora_vllm import metrics
 from flora_vllm.server import DEFAULT_ENV
+from flora_vllm.vllm_hooks import refresh_live_gauges
 
 APP_NAME = "flora"
 
@@ -385,6 +389,13 @@ class FloraLLMServer(LLMServer):
         }
 
 
+    async def flora_metrics(self) -> dict[str, Any]:
+        """This replica's per-adapter Prometheus samples (`flora_vllm.metrics`), gauges fresh."""
+        await refresh_live_gauges(*reversed(_engine_internals(self.engine)))
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {"replica": replica, "metrics": metrics.snapshot()}
+
+
 _COUNTERS = ("requests", "adapter_requests", "affinity_hits", "adapter_loads", "evictions")
 
 
@@ -415,7 +426,10 @@ async def _tracked(stream: AsyncGenerator[Any, None], done: Callable[[], None]):
 class FloraIngress(OpenAiIngress):
     """Ray's OpenAI ingress; a bare adapter name is routed as `<base>:<adapter>`."""
 
-    ENDPOINTS = {"flora_stats": lambda app: app.get("/flora/stats")}
+    ENDPOINTS = {
+        "flora_stats": lambda app: app.get("/flora/stats"),
+        "flora_metrics": lambda app: app.get("/metrics"),
+    }
 
     def __init__(
         self,
@@ -469,20 +483,32 @@ class FloraIngress(OpenAiIngress):
             listing.data += [self._adapter_card(name, base, name) for name in names]
         return listing
 
-    async def flora_stats(self) -> dict[str, Any]:
-        """Every replica's adapter residency and counters; affinity hit rate = share of adapter
-        requests that found their adapter already loaded on the replica they were routed to."""
+    async def _every_replica(self, method: str) -> list[dict[str, Any]]:
+        """`method`'s answer from every replica of every base model."""
         replicas: list[dict[str, Any]] = []
         for base in self._default_serve_handles:
             handle = self._get_configured_serve_handle(base)
             for attempt in range(5):  # a replica that just died may still be listed
                 try:
-                    replicas += await asyncio.to_thread(broadcast, handle, "flora_stats")
+                    replicas += await asyncio.to_thread(broadcast, handle, method)
                     break
                 except Exception:
                     if attempt == 4:
                         raise
                     await asyncio.sleep(1.0)
+        return replicas
+
+    async def flora_metrics(self) -> Response:
+        """Per-adapter Prometheus metrics of every replica (label `replica`), like the vLLM
+        server's `/metrics` but for the whole Serve app."""
+        replicas = await self._every_replica("flora_metrics")
+        text = metrics.render({r["replica"]: r["metrics"] for r in replicas})
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    async def flora_stats(self) -> dict[str, Any]:
+        """Every replica's adapter residency and counters; affinity hit rate = share of adapter
+        requests that found their adapter already loaded on the replica they were routed to."""
+        replicas = await self._every_replica("flora_stats")
         totals = {k: sum(r[k] for r in replicas) for k in _COUNTERS}
         rate = totals["affinity_hits"] / max(1, totals["adapter_requests"])
         return {"replicas": replicas, "totals": totals, "affinity_hit_rate": rate}

@@ -560,12 +560,9 @@ def worker_lora_residency(worker: Any) -> list[tuple[int, str]]:
     return [(i, "device" if i in slots else "host") for i in list(manager._registered_adapters)]
 
 
-async def _refresh_live_gauges(state: Any) -> None:
-    """Set the scrape-time gauges (requests in flight, residency) from the engine's state."""
-    engine = getattr(state, "engine_client", None)
-    models = getattr(state, "openai_serving_models", None)
-    if engine is None or not hasattr(models, "lora_requests"):
-        return
+async def refresh_live_gauges(engine: Any, models: Any) -> None:
+    """Set the scrape-time gauges (requests in flight, residency) from vLLM's engine client and
+    its OpenAI model registry (the API server's, or a Ray Serve replica's)."""
     in_flight = collections.Counter(
         _adapter_labels(s.lora_request) for s in engine.output_processor.request_states.values()
     )
@@ -593,8 +590,11 @@ class LiveGaugesMiddleware:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             path = scope["path"].removeprefix(scope.get("root_path", ""))
-            if path.rstrip("/") == "/metrics" and "app" in scope:
-                await _refresh_live_gauges(scope["app"].state)
+            state = scope["app"].state if "app" in scope else None
+            engine = getattr(state, "engine_client", None)
+            models = getattr(state, "openai_serving_models", None)
+            if path.rstrip("/") == "/metrics" and engine and hasattr(models, "lora_requests"):
+                await refresh_live_gauges(engine, models)
         await self.app(scope, receive, send)
 
 

@@ -5,7 +5,8 @@ Checked: concurrent requests over 4 FLoRA adapters, one LoRA and the base model,
 name forms, each answer equal (greedy token ids, log-probabilities to 1e-3) to transformers
 running the dense model with that adapter merged; both replicas serve; repeated adapters go back
 to the replica holding them (affinity hit rate); Serve's, vLLM's registry's and vLLM workers'
-views of each replica's adapters agree; after one replica is killed mid-run, later requests are
+views of each replica's adapters agree; the app's /metrics counts every replica's requests per
+adapter; after one replica is killed mid-run, later requests are
 still answered correctly (the survivor loads and evicts adapters as needed).
 """
 
@@ -80,6 +81,25 @@ def _stats(app: RayApp) -> dict[str, Any]:
     r = httpx.get(app.url.removesuffix("/v1") + "/flora/stats", timeout=120)
     r.raise_for_status()
     return r.json()
+
+
+def _requests_per_adapter(app: RayApp) -> dict[str, float]:
+    """Finished requests per adapter label, summed over replicas, from the app's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(app.url.removesuffix("/v1") + "/metrics", timeout=120)
+    r.raise_for_status()
+    totals: dict[str, float] = {}
+    on_device = 0.0
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            if s.name == "flora:adapter_requests_total":
+                totals[s.labels["adapter"]] = totals.get(s.labels["adapter"], 0) + s.value
+            if s.name == "flora:adapter_resident" and s.labels["location"] == "device":
+                on_device += s.value
+    # Each replica read its workers' slots: adapters were just used, so some sit on a device.
+    assert on_device >= 1, "no replica reported an adapter in a device slot"
+    return totals
 
 
 def _by_replica(stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -182,6 +202,7 @@ def test_mixed_adapters_match_reference_with_affinity(ray_app: RayApp) -> None:
     for m in MODELS:  # one at a time: the router spreads new adapters over the replicas
         _ask(ray_app.client, m, prompts[0])
     before = _by_replica(_stats(ray_app))
+    counted_before = _requests_per_adapter(ray_app)
     worst = 0.0
     for wave in range(2):
         jobs = [
@@ -194,6 +215,10 @@ def test_mixed_adapters_match_reference_with_affinity(ray_app: RayApp) -> None:
             answers = list(pool.map(lambda j: _ask(ray_app.client, *j), jobs))
         worst = max(worst, _check(ray_app, jobs, answers))
     after = _by_replica(_assert_views_agree(ray_app))
+    counted = _requests_per_adapter(ray_app)
+    for m in MODELS:  # per-adapter Prometheus metrics of all replicas, on the app's /metrics
+        label = "" if m == BASE else f"{BASE}:{m}"
+        assert counted.get(label, 0) - counted_before.get(label, 0) == 2 * len(prompts), m
 
     served = {r: after[r]["requests"] - before[r]["requests"] for r in after}
     hits = sum(after[r]["affinity_hits"] - before[r]["affinity_hits"] for r in after)
