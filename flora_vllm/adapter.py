@@ -180,9 +180,21 @@ def load_adapter(
     if not os.path.isfile(weights_path):
         problems.append(f"missing weights file {WEIGHTS_NAME}")
         raise FLoRAAdapterError(adapter_dir, problems)
+    # The header is read first: a tensor larger than any factor this model can take is never
+    # read (a crafted header could otherwise make the server allocate terabytes).
+    largest = cfg.r * max((max(shape) for shape in module_shapes.values()), default=0)
+    tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(weights_path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            for k in f.keys():
+                shape = f.get_slice(k).get_shape()
+                if math.prod(shape) > largest:
+                    problems.append(
+                        f"tensor {k!r} has shape {list(shape)}, larger than any factor of this "
+                        f"model at r={cfg.r}; not read"
+                    )
+                else:
+                    tensors[k] = f.get_tensor(k)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         problems.append(f"{WEIGHTS_NAME} is not a readable safetensors file: {e}")
         raise FLoRAAdapterError(adapter_dir, problems) from e

@@ -84,3 +84,19 @@ def test_config_errors(change, message):
     with pytest.raises(FLoRAAdapterError, match="1 problem") as e:
         FLoRAAdapterConfig.from_dict({**raw, **change}, "a")
     assert message in str(e.value)
+
+
+def test_a_header_claiming_a_huge_tensor_is_refused_unread(tmp_path):
+    """A crafted safetensors header (an 8 GB tensor over a sparse file) is refused from the
+    header alone, before anything is read or allocated."""
+    save_adapter(str(tmp_path), _factors(2), r=2)
+    n = 45_000  # 8 GB: mmap-able, and what a reader without the check would allocate
+    header = json.dumps({
+        "base_model.model.m.layers.0.q_proj.flora_A.weight":
+            {"dtype": "F32", "shape": [n, n], "data_offsets": [0, 4 * n * n]},
+    }).encode()
+    with open(tmp_path / "flora_model.safetensors", "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 4 * n * n)  # sparse: no disk space used
+    with pytest.raises(FLoRAAdapterError, match=r"larger than any factor .* not read"):
+        load_adapter(str(tmp_path), SHAPES, max_rank=8)
