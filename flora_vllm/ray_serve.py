@@ -47,6 +47,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
     to_model_metadata,
 )
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
+from ray.llm._internal.serve.core.ingress.ingress import init as init_ingress_app
 from ray.llm._internal.serve.utils.broadcast import broadcast
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 from ray.serve.config import RequestRouterConfig
@@ -65,6 +66,7 @@ from ray.serve.request_router import (
 from starlette.responses import Response
 
 from flora_vllm import metrics
+from flora_vllm.access import ApiKeyMiddleware
 from flora_vllm.server import DEFAULT_ENV
 from flora_vllm.vllm_hooks import refresh_live_gauges
 
@@ -105,6 +107,9 @@ class FloraServeConfig:
     """More vLLM engine args (they override ours)."""
     env: dict[str, str] = field(default_factory=dict)
     """Environment variables for the engines (e.g. FLORA_EXECUTION)."""
+    api_key: str | None = None
+    """With a key, every path of the app needs `Authorization: Bearer <key>` (as `--api-key`
+    on the vLLM server); Serve's own `/-/healthz` stays open."""
 
     def __post_init__(self) -> None:
         self.served_model_name = self.served_model_name or os.path.basename(self.model.rstrip("/"))
@@ -609,8 +614,11 @@ def build_app(cfg: FloraServeConfig) -> Application:
     )
     options = FloraIngress.get_deployment_options([llm_config])
     options["ray_actor_options"] = {"num_cpus": 0}  # it only forwards requests
+    app = init_ingress_app()  # Ray's app (exception handling, CORS, HTTP metrics)
+    if cfg.api_key:
+        app.add_middleware(ApiKeyMiddleware, tokens=[cfg.api_key])  # outermost
     ingress = make_fastapi_ingress(
-        FloraIngress, endpoint_map={**DEFAULT_ENDPOINTS, **FloraIngress.ENDPOINTS}
+        FloraIngress, endpoint_map={**DEFAULT_ENDPOINTS, **FloraIngress.ENDPOINTS}, app=app
     )
     lora_paths = {base: cfg.dynamic_lora_path} if cfg.dynamic_lora_path else {}
     return serve.deployment(ingress, **options).bind(
@@ -659,6 +667,11 @@ def parse_args(argv: Sequence[str]) -> tuple[FloraServeConfig, argparse.Namespac
     p.add_argument("--engine-kwargs", type=json.loads, default={}, help="JSON: more vLLM args")
     p.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="engine env vars")
     p.add_argument(
+        "--api-key",
+        default=os.environ.get("VLLM_API_KEY"),
+        help="require `Authorization: Bearer KEY` on every path (default $VLLM_API_KEY)",
+    )
+    p.add_argument(
         "--address",
         default=os.environ.get("RAY_ADDRESS"),
         help="Ray cluster to join (auto, ray://head:10001); default $RAY_ADDRESS, else a new "
@@ -687,6 +700,7 @@ def parse_args(argv: Sequence[str]) -> tuple[FloraServeConfig, argparse.Namespac
         imbalanced_threshold=a.imbalanced_threshold,
         engine_kwargs=a.engine_kwargs,
         env=_pairs(a.env, "--env"),
+        api_key=a.api_key,
     )
     return cfg, a
 

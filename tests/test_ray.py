@@ -5,9 +5,9 @@ Checked: concurrent requests over 4 FLoRA adapters, one LoRA and the base model,
 name forms, each answer equal (greedy token ids, log-probabilities to 1e-3) to transformers
 running the dense model with that adapter merged; both replicas serve; repeated adapters go back
 to the replica holding them (affinity hit rate); Serve's, vLLM's registry's and vLLM workers'
-views of each replica's adapters agree; the app's /metrics counts every replica's requests per
-adapter; after one replica is killed mid-run, later requests are
-still answered correctly (the survivor loads and evicts adapters as needed).
+views of each replica's adapters agree; an API key guards every path; the app's /metrics
+counts every replica's requests per adapter; after one replica is killed mid-run, later
+requests are still answered correctly (the survivor loads and evicts adapters as needed).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ FLORA = ("flora-r1", "flora-r2", "flora-r4", "flora-r8")
 MODELS = (BASE, *FLORA, "lora-r8")
 BROKEN = "flora-r16"
 REPLICA_PREFIX = "SERVE_REPLICA::flora#FloraLLMServer"
+KEY = "ray-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @dataclass
@@ -78,7 +80,7 @@ def _check(app: RayApp, jobs: list[tuple[str, list[int]]], answers: list[Any]) -
 
 
 def _stats(app: RayApp) -> dict[str, Any]:
-    r = httpx.get(app.url.removesuffix("/v1") + "/flora/stats", timeout=120)
+    r = httpx.get(app.url.removesuffix("/v1") + "/flora/stats", headers=AUTH, timeout=120)
     r.raise_for_status()
     return r.json()
 
@@ -87,7 +89,7 @@ def _requests_per_adapter(app: RayApp) -> dict[str, float]:
     """Finished requests per adapter label, summed over replicas, from the app's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    r = httpx.get(app.url.removesuffix("/v1") + "/metrics", timeout=120)
+    r = httpx.get(app.url.removesuffix("/v1") + "/metrics", headers=AUTH, timeout=120)
     r.raise_for_status()
     totals: dict[str, float] = {}
     on_device = 0.0
@@ -153,6 +155,7 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
         kv_cache_gib=1,
         engine_kwargs={"max_num_seqs": 32, "seed": 0},
         env={"HF_HUB_OFFLINE": "1"},
+        api_key=KEY,
     )
     t0 = time.monotonic()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -160,7 +163,7 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     try:
         url = ray_serve.deploy(cfg, "127.0.0.1", free_port())
         t_up = time.monotonic() - t0
-        client = OpenAI(base_url=url, api_key="unused", timeout=300, max_retries=0)
+        client = OpenAI(base_url=url, api_key=KEY, timeout=300, max_retries=0)
         app = RayApp(url, paths, client, refs, 0.0)
         _check(app, [(BASE, _prompts(1)[0])], [_ask(client, BASE, _prompts(1)[0])])
         app.time_to_first_answer = time.monotonic() - t0
@@ -193,6 +196,20 @@ def test_endpoint_lists_adapters_and_answers_chat(ray_app: RayApp) -> None:
         _ask(ray_app.client, BROKEN, [5, 6, 7])
     stats = _assert_views_agree(ray_app)
     assert not any(f"{BASE}:{BROKEN}" in r["serve_resident"] for r in stats["replicas"])
+
+
+def test_api_key_guards_every_path(ray_app: RayApp) -> None:
+    """No key or a wrong one: 401 on the OpenAI routes, /metrics and /flora/stats."""
+    root = ray_app.url.removesuffix("/v1")
+    body = {"model": "flora-r1", "prompt": [5, 6], "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"),
+                             ("GET", "/metrics"), ("GET", "/flora/stats")):
+            r = httpx.request(method, root + path, headers=headers, timeout=120,
+                              json=body if method == "POST" else None)
+            assert r.status_code == 401, (method, path, headers, r.text)
+    r = httpx.post(root + "/v1/completions", headers=AUTH, json=body, timeout=300)
+    assert r.status_code == 200, r.text
 
 
 def test_mixed_adapters_match_reference_with_affinity(ray_app: RayApp) -> None:
