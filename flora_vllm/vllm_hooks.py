@@ -385,6 +385,7 @@ def _release_idle() -> None:
     for lora_id, engine in list(_retiring.items()):
         if lora_id not in _ids_in_flight(engine):
             del _retiring[lora_id]
+            _types.pop(lora_id, None)
             _spawn(engine.remove_lora(lora_id))
             logger.info("flora_vllm: released adapter id %d from the engine", lora_id)
 
