@@ -393,7 +393,6 @@ class FloraLLMServer(LLMServer):
             **{k: self._stats[k] for k in _COUNTERS},
         }
 
-
     async def flora_metrics(self) -> dict[str, Any]:
         """This replica's per-adapter Prometheus samples (`flora_vllm.metrics`), gauges fresh."""
         await refresh_live_gauges(*reversed(_engine_internals(self.engine)))

@@ -382,8 +382,11 @@ def _ids_in_flight(engine: Any) -> set[int]:
 
 def _release_idle() -> None:
     """Ask the engine to drop every retired adapter no request in flight still uses."""
+    busy: dict[int, set[int]] = {}  # id(engine) -> adapter ids in flight, read once per engine
     for lora_id, engine in list(_retiring.items()):
-        if lora_id not in _ids_in_flight(engine):
+        if id(engine) not in busy:
+            busy[id(engine)] = _ids_in_flight(engine)
+        if lora_id not in busy[id(engine)]:
             del _retiring[lora_id]
             _types.pop(lora_id, None)
             _spawn(engine.remove_lora(lora_id))
@@ -397,17 +400,31 @@ async def _retire_later(engine: Any, lora_id: int) -> None:
 
 
 def _load_error(lora_request: Any, e: Exception) -> Any:
-    """The stock mapping of an engine load failure: missing folder 404, invalid adapter 400
-    (FLoRAAdapterError's message prefix crosses the process boundary), anything else 500."""
+    """Stock vLLM's answer to an engine load failure: missing folder 404, anything else 500
+    (`_invalid_adapter_is_400` then turns an invalid adapter's 500 into a 400)."""
     from vllm.entrypoints.serve import create_error_response
     from vllm.exceptions import LoRAAdapterNotFoundError
 
     missing = LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path)
     if str(missing) in str(e):
         return create_error_response(missing)
-    if FLoRAAdapterError.MESSAGE_PREFIX in str(e):
-        return create_error_response(str(e), "BadRequestError", HTTPStatus.BAD_REQUEST)
     return create_error_response(str(e), "InternalServerError", HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+def _invalid_adapter_is_400(result: Any) -> Any:
+    """A load's 500 whose message is FLoRAAdapterError's (its prefix crosses the process
+    boundary) is the client's adapter at fault: 400."""
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    error = result.error if isinstance(result, ErrorResponse) else None  # else: success text
+    if (
+        error is not None
+        and error.code == HTTPStatus.INTERNAL_SERVER_ERROR
+        and FLoRAAdapterError.MESSAGE_PREFIX in error.message
+    ):
+        error.code = HTTPStatus.BAD_REQUEST
+        error.type = "BadRequestError"
+    return result
 
 
 async def _reload(models: Any, request: Any, base_model_name: str | None) -> Any:
@@ -445,7 +462,6 @@ async def _reload(models: Any, request: Any, base_model_name: str | None) -> Any
 
 def _wrap_load_lora_adapter(orig: Callable) -> Callable:
     from vllm.entrypoints.serve import create_error_response
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     @functools.wraps(orig)
     async def load_lora_adapter(self: Any, request: Any, base_model_name: str | None = None):
@@ -462,16 +478,8 @@ def _wrap_load_lora_adapter(orig: Callable) -> Callable:
             except ValueError as e:
                 return create_error_response(str(e), "InvalidUserInput")
         if request.load_inplace and request.lora_name in self.lora_requests:
-            return await _reload(self, request, base_model_name)
-        result = await orig(self, request, base_model_name)
-        if (
-            isinstance(result, ErrorResponse)
-            and result.error.code == HTTPStatus.INTERNAL_SERVER_ERROR
-            and FLoRAAdapterError.MESSAGE_PREFIX in result.error.message
-        ):
-            result.error.code = HTTPStatus.BAD_REQUEST
-            result.error.type = "BadRequestError"
-        return result
+            return _invalid_adapter_is_400(await _reload(self, request, base_model_name))
+        return _invalid_adapter_is_400(await orig(self, request, base_model_name))
 
     return load_lora_adapter
 
@@ -589,12 +597,12 @@ class LiveGaugesMiddleware:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            path = scope["path"].removeprefix(scope.get("root_path", ""))
-            state = scope["app"].state if "app" in scope else None
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if scope["type"] == "http" and path.rstrip("/") == "/metrics" and "app" in scope:
+            state = scope["app"].state
             engine = getattr(state, "engine_client", None)
             models = getattr(state, "openai_serving_models", None)
-            if path.rstrip("/") == "/metrics" and engine and hasattr(models, "lora_requests"):
+            if engine is not None and hasattr(models, "lora_requests"):
                 await refresh_live_gauges(engine, models)
         await self.app(scope, receive, send)
 

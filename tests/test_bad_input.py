@@ -423,6 +423,25 @@ def test_runtime_loaded_flora_matches_static(good, model_sets, tmp_path):
     assert r.status_code == 404, r.text
 
 
+def test_failed_reload_keeps_the_adapter_served(good, model_sets, tmp_path):
+    """A reload (`load_inplace`) from a broken folder is a 400, from a missing one a 404; either
+    way the adapter keeps serving its old weights."""
+    c = good["client"]
+    path = model_sets["llama"]["flora-r2"]
+    assert c.post(LOAD, json={"lora_name": "reload", "lora_path": path}).status_code == 200
+    try:
+        broken = edit_config(copy(path, str(tmp_path / "broken")), r=16)
+        for bad, status, message in ((broken, 400, "--max-lora-rank 8"),
+                                     (str(tmp_path / "missing"), 404, NOT_FOUND)):
+            r = c.post(LOAD, json={"lora_name": "reload", "lora_path": bad, "load_inplace": True})
+            assert r.status_code == status and message in _error(r), r.text
+            r = c.post(COMPLETIONS, json={**good["body"], "model": "reload"})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["logprobs"]["tokens"] == good["answer"]["tokens"]
+    finally:
+        assert c.post(UNLOAD, json={"lora_name": "reload"}).status_code == 200
+
+
 def test_bad_static_adapter_fails_startup(model_sets, tmp_path):
     """A broken adapter in --lora-modules stops the server at start-up with the reason."""
     paths = dict(model_sets["llama"])
