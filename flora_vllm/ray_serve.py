@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextvars
 import functools
 import json
 import os
@@ -67,10 +68,18 @@ from starlette.responses import Response
 
 from flora_vllm import metrics
 from flora_vllm.access import ApiKeyMiddleware
+from flora_vllm.lifecycle import ADAPTERS
 from flora_vllm.server import DEFAULT_ENV
-from flora_vllm.vllm_hooks import refresh_live_gauges
+from flora_vllm.vllm_hooks import (
+    AFTER_RELEASE,
+    pin_adapter,
+    refresh_live_gauges,
+    settle_releases,
+)
 
 APP_NAME = "flora"
+_RESOLVED: contextvars.ContextVar[Any] = contextvars.ContextVar("flora_resolved", default=None)
+"""The LoRARequest Serve's multiplex lookup resolved for the current request (its task)."""
 
 
 @dataclass
@@ -257,8 +266,13 @@ class FloraLLMServer(LLMServer):
 
     Ray 2.60 loads an adapter into vLLM on a multiplex cache miss but does nothing when the LRU
     evicts one: vLLM keeps it registered and its weights cached. Here an eviction unregisters it
-    at once and frees its weights (`remove_lora`) when its last in-flight request ends; and a new
-    adapter enters the engine before Serve's cache, so one vLLM refuses is not cached at all.
+    at once and frees its weights (`remove_lora`) when its last request is done, through the same
+    reference counts as the vLLM server (`flora_vllm.lifecycle`); and a new adapter enters the
+    engine before Serve's cache, so one vLLM refuses is not cached at all.
+
+    Adapter resolution happens here, in Serve's multiplex lookup: the request is pinned to the
+    adapter id it resolved (`vllm_hooks.pin_adapter`), so vLLM's handler serves that id even if
+    an eviction unregistered the name meanwhile.
     """
 
     async def __init__(
@@ -272,11 +286,8 @@ class FloraLLMServer(LLMServer):
         self._mutex = threading.Lock()  # Serve calls eviction hooks from a thread
         self._resident: set[str] = set()  # Serve's view: loaded through our loader, not evicted
         self._evicted: list[str] = []
-        self._inflight: collections.Counter[str] = collections.Counter()
-        self._draining: dict[int, str] = {}  # vLLM adapter id -> name, freed when idle
         self._stats: collections.Counter[str] = collections.Counter()
         self._adapter_lock = asyncio.Lock()
-        self._loop = asyncio.get_running_loop()
         loader = model_downloader or functools.partial(
             LocalLoraModelLoader,
             adapters=adapters or {},
@@ -285,6 +296,7 @@ class FloraLLMServer(LLMServer):
         )
         await super().__init__(llm_config, engine_cls=engine_cls, model_downloader=loader)
         _engine_internals(self.engine)  # fail at start-up, not on the first eviction
+        AFTER_RELEASE.append(self._restore_dropped)
 
     def _evicted_by_serve(self, model_id: str) -> None:
         with self._mutex:
@@ -306,6 +318,8 @@ class FloraLLMServer(LLMServer):
                 hit = model_id in self._resident
             disk = await self._load_model(model_id)  # on a miss: `_admit`, from the loader
             await self.engine.resolve_lora(disk)  # Ray's step; a no-op once admitted
+            models, _ = _engine_internals(self.engine)
+            _RESOLVED.set(models.lora_requests.get(model_id))  # read by `_run_request`
         self._stats["adapter_requests"] += 1
         self._stats["affinity_hits"] += hit
 
@@ -317,7 +331,7 @@ class FloraLLMServer(LLMServer):
             self._evicted.clear()
         for old in evicted:
             await self._unregister(old)
-        await self._free_idle()
+        await settle_releases()  # idle evicted adapters have left the engine
         try:
             await self.engine.resolve_lora(disk)
         except ValueError as e:  # vLLM's (and the plugin's) own message, with every problem
@@ -333,45 +347,30 @@ class FloraLLMServer(LLMServer):
         request = models.lora_requests.get(model_id)
         if request is None:
             return
+        # The hook retires its id: the engine drops it once its last request is done.
         await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=model_id))
-        self._draining[request.lora_int_id] = model_id
 
-    async def _free_idle(self) -> None:
-        """`remove_lora` for unregistered adapters no request uses any more (a running request
-        would make vLLM load the weights back). While they were held, vLLM's own LRU may have
-        dropped a registered adapter from its workers: once none is left, load those back."""
+    async def _restore_dropped(self, engine: Any) -> None:
+        """After an adapter left the engine: while retired adapters were held, vLLM's own LRU may
+        have dropped registered ones from its workers (they count against `max_cpu_loras`);
+        once none is held any more, load those back, so Serve's and vLLM's views agree."""
         models, client = _engine_internals(self.engine)
-        freed = False
-        for lora_id, name in list(self._draining.items()):
-            if self._inflight[name] == 0 and self._draining.pop(lora_id, None) is not None:
-                await client.remove_lora(lora_id)
-                freed = True
-        if freed and not self._draining:
-            loaded = await client.list_loras()
-            for request in list(models.lora_requests.values()):
-                if request.lora_int_id not in loaded:
-                    await client.add_lora(request)
-
-    def _finished(self, model_id: str) -> None:
-        with self._mutex:
-            self._inflight[model_id] -= 1
-            idle = self._inflight[model_id] <= 0
-        if idle and self._draining:  # may run in a GC thread: free on the replica's loop
-            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._free_idle()))
+        if engine is not client or ADAPTERS.retired():
+            return
+        loaded = await client.list_loras()
+        for request in list(models.lora_requests.values()):
+            if request.lora_int_id not in loaded:
+                await client.add_lora(request)
 
     async def _run_request(self, request: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
-        """Count requests in flight per adapter, until their stream ends or is dropped."""
-        model_id = serve.get_multiplexed_model_id()
-        if not model_id:
-            return await super()._run_request(request, **kwargs)
-        with self._mutex:
-            self._inflight[model_id] += 1
-        done = _once(functools.partial(self._finished, model_id))
-        try:
-            stream = await super()._run_request(request, **kwargs)
-        except BaseException:
-            done()
-            raise
+        """Pin the request to the adapter id Serve's lookup resolved, until its stream ends or
+        is dropped (that also holds the id's reference, so the engine keeps its weights)."""
+        _RESOLVED.set(None)
+        stream = await super()._run_request(request, **kwargs)  # resolves: sets _RESOLVED
+        lora = _RESOLVED.get()
+        if lora is None:
+            return stream
+        done = _once(pin_adapter(request, lora))
         tracked = _tracked(stream, done)
         weakref.finalize(tracked, done)  # a stream dropped before its first item
         return tracked
@@ -380,7 +379,7 @@ class FloraLLMServer(LLMServer):
         """This replica's adapters as Serve, vLLM's registry and vLLM's workers see them."""
         models, client = _engine_internals(self.engine)
         names = {r.lora_int_id: n for n, r in models.lora_requests.items()} | {
-            i: f"{n} (draining)" for i, n in self._draining.items()
+            i: f"id {i} (draining)" for i in ADAPTERS.retired()
         }
         loaded = await client.list_loras()
         with self._mutex:

@@ -21,9 +21,19 @@ HOOKS with the reason; `patches/` holds the same changes as diffs against vLLM's
   FLORA_ADAPTER_ROOTS answers 403; a reload (`load_inplace`) gets a fresh adapter id, so requests
   in flight finish on the old weights and new ones get the new weights.
 - `OpenAIServingModels.unload_lora_adapter`: the engine drops an unloaded (or replaced) adapter
-  once its last request in flight has finished (stock vLLM keeps it until evicted).
+  once no request holds a reference on its id (stock vLLM keeps it until evicted).
+- `BaseServing._maybe_get_adapters`: adapter resolution; each request gets its own copy of
+  the LoRARequest, which holds a reference on the id while it lives (`flora_vllm.lifecycle`).
+- `InputBatch.make_lora_inputs` (worker): the step's adapters distinct by id; stock vLLM puts
+  them in a set that compares by *name*, so an old and a new id of a reloaded adapter in one
+  batch collapse, one is never activated, and `convert_mapping` kills the engine (KeyError).
+- `EngineCore.remove_lora` / `.add_lora` / `.add_request` / `.abort_requests` / `.step` /
+  `.step_with_batch_queue`: defense in depth in the engine core: a removal waits while the
+  scheduler holds a request of that id; a request arriving with a removed id fails alone.
 - `OutputProcessor._update_stats_from_finished`, `OutputProcessor.abort_requests`: per-adapter
-  Prometheus metrics (`flora_vllm.metrics`) and the release of retired adapters.
+  Prometheus metrics (`flora_vllm.metrics`).
+- Test seam, only with FLORA_TEST_HOLD_DIR set: `AsyncLLM.add_request` holds `held-*` adapters'
+  requests between resolution and the engine, so a test can force the unload race.
 - `vllm.entrypoints.launchers.app.init_entrypoints_middleware`: adds the per-adapter gauges'
   refresh on `/metrics` and, with `--api-key`, the key check on every path but `/health`.
 - `WorkerWrapperBase.flora_lora_residency` (added): the collective RPC behind the residency gauge.
@@ -42,6 +52,7 @@ import collections
 import functools
 import importlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -59,6 +70,7 @@ from flora_vllm.adapter import (
     read_peft_type,
 )
 from flora_vllm.config import get_config
+from flora_vllm.lifecycle import ADAPTERS
 
 logger = logging.getLogger("flora_vllm")
 
@@ -84,6 +96,15 @@ HOOK_TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.v1.engine.output_processor", "OutputProcessor.abort_requests"),
     ("vllm.entrypoints.launchers.app", "init_entrypoints_middleware"),
     ("vllm.v1.worker.worker_base", "WorkerWrapperBase.__getattr__"),  # RPC reaches the worker
+    ("vllm.entrypoints.serve.engine.serving", "BaseServing._maybe_get_adapters"),
+    ("vllm.v1.worker.gpu_input_batch", "InputBatch.make_lora_inputs"),
+    ("vllm.v1.engine.core", "EngineCore.add_request"),
+    ("vllm.v1.engine.core", "EngineCore.add_lora"),
+    ("vllm.v1.engine.core", "EngineCore.remove_lora"),
+    ("vllm.v1.engine.core", "EngineCore.abort_requests"),
+    ("vllm.v1.engine.core", "EngineCore.step"),
+    ("vllm.v1.engine.core", "EngineCore.step_with_batch_queue"),
+    ("vllm.v1.engine.core", "EngineCoreProc._send_error_outputs_to_client"),  # read only
 )
 
 _applied = False
@@ -351,6 +372,133 @@ def _wrap_cpu_gemm_dispatch(orig: Callable) -> Callable:
     return dispatch_cpu_unquantized_gemm
 
 
+# --- engine core and worker: adapter ids the batch holds --------------------------------------
+
+
+def _active_loras_by_id(orig: Callable) -> Callable:
+    """The step's adapters, one per *id*. Stock vLLM collects them in a set of LoRARequest, which
+    compares by name: an adapter reloaded under its name (a new id) while requests on its old
+    id still run collapses to one entry, the other id is never activated, and the worker dies
+    in `convert_mapping` (KeyError: the id) taking every tenant down."""
+
+    @functools.wraps(orig)
+    def make_lora_inputs(self: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+        prompt_mapping, token_mapping, _ = orig(self, *args, **kwargs)
+        return prompt_mapping, token_mapping, list(self.lora_id_to_lora_request.values())
+
+    return make_lora_inputs
+
+
+REMOVED_IDS_KEPT = 65536  # removed ids remembered per engine core (ids only grow: old ones
+# can only come back in a request that waited through 65536 later unloads)
+
+
+class _RecentIds(collections.OrderedDict):
+    """A set of the last `REMOVED_IDS_KEPT` ids added."""
+
+    def add(self, lora_id: int) -> None:
+        self[lora_id] = None
+        self.move_to_end(lora_id)
+        while len(self) > REMOVED_IDS_KEPT:
+            self.popitem(last=False)
+
+    def discard(self, lora_id: int) -> None:
+        self.pop(lora_id, None)
+
+
+def _engine_state(core: Any) -> tuple[set[int], _RecentIds]:
+    """(ids whose removal waits for their requests, ids removed) of one engine core."""
+    state = core.__dict__.get("_flora_adapter_ids")
+    if state is None:
+        state = core.__dict__["_flora_adapter_ids"] = (set(), _RecentIds())
+    return state
+
+
+def _scheduled_ids(core: Any) -> set[int]:
+    """Adapter ids of every request the scheduler holds (waiting, running or preempted)."""
+    return {
+        r.lora_request.lora_int_id
+        for r in core.scheduler.requests.values()
+        if r.lora_request is not None
+    }
+
+
+def _wrap_core_remove_lora(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def remove_lora(self: Any, lora_id: int) -> bool:
+        """Defense in depth: never drop an adapter a request in the scheduler still uses (the
+        API server's references make this rare: e.g. an abort and a release that cross)."""
+        deferred, removed = _engine_state(self)
+        if lora_id in _scheduled_ids(self):
+            deferred.add(lora_id)
+            logger.info("flora_vllm: adapter id %d still scheduled; removed when idle", lora_id)
+            return True
+        deferred.discard(lora_id)
+        removed.add(lora_id)
+        return orig(self, lora_id)
+
+    return remove_lora
+
+
+def _remove_deferred(core: Any) -> None:
+    deferred, _ = _engine_state(core)
+    if deferred:
+        for lora_id in deferred - _scheduled_ids(core):
+            core.remove_lora(lora_id)
+
+
+def _wrap_core_after(orig: Callable) -> Callable:
+    """`step` / `abort_requests`: requests left the scheduler; drop deferred adapters now idle."""
+
+    @functools.wraps(orig)
+    def after(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = orig(self, *args, **kwargs)
+        if self.__dict__.get("_flora_adapter_ids", ((),))[0]:
+            _remove_deferred(self)
+        return result
+
+    return after
+
+
+def _wrap_core_add_lora(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def add_lora(self: Any, lora_request: Any) -> bool:
+        result = orig(self, lora_request)
+        deferred, removed = _engine_state(self)
+        deferred.discard(lora_request.lora_int_id)
+        removed.discard(lora_request.lora_int_id)
+        return result
+
+    return add_lora
+
+
+class AdapterGoneError(ValueError):
+    """A request reached the engine with an adapter id the engine already dropped."""
+
+
+def _wrap_core_add_request(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        """Defense in depth: a request whose adapter id was removed fails alone, with the
+        reason in the log, instead of reaching a worker that no longer holds its weights (the
+        worker would reload the folder, maybe with other weights, or the step would crash)."""
+        lora = request.lora_request
+        if lora is not None and lora.lora_int_id in _engine_state(self)[1]:
+            reason = (
+                f"request {request.request_id}: adapter '{lora.lora_name}' (id "
+                f"{lora.lora_int_id}) was unloaded before the request reached the engine"
+            )
+            logger.error("flora_vllm: %s; failing this request only", reason)
+            send_error = getattr(self, "_send_error_outputs_to_client", None)
+            if send_error is None:  # in-process engine (LLM class): the caller gets the error
+                raise AdapterGoneError(reason)
+            send_error([request.request_id], request.client_index)
+            return None
+        return orig(self, request, *args, **kwargs)
+
+    return add_request
+
+
 # --- prefix cache -----------------------------------------------------------------------------
 
 
@@ -361,42 +509,118 @@ def _lora_extra_hash_keys(request: Any) -> list[str]:
     return [] if lora is None else [f"{lora.lora_name}#{lora.lora_int_id}"]
 
 
-# --- adapters in the API server: roots, reload, unload, release ------------------------------
+# --- adapter lifetime: leases in the API server, release by count --------------------------
 
-RETIRE_GRACE_S = 2.0  # a request that resolved an adapter just before it was replaced is
-# tokenized before it reaches the engine; the engine keeps the old adapter at least this long.
-_retiring: dict[int, Any] = {}  # adapter id -> engine client; dropped when no request uses it
-_tasks: set[asyncio.Task] = set()
+
+@functools.cache
+def _leased_cls() -> type:
+    """LoRARequest with weak references: one copy per request, alive while the request is."""
+    from vllm.lora.request import LoRARequest
+
+    class LeasedLoRARequest(LoRARequest, weakref=True):  # type: ignore[call-arg]
+        """A request's own copy of its adapter's LoRARequest; while it lives, the request holds
+        a reference on the adapter id (`lifecycle.ADAPTERS`). Compares and hashes by name, as
+        LoRARequest does (msgspec would otherwise compare fields and refuse to hash)."""
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, LoRARequest) and self.lora_name == other.lora_name
+
+        def __hash__(self) -> int:
+            return hash(self.lora_name)
+
+    return LeasedLoRARequest
+
+
+def leased(lora: Any) -> Any:
+    """A copy of `lora` that holds a reference on its adapter id until it is garbage-collected.
+
+    Every place that can still hand the request to the engine (the handler's frame, the
+    generators, the output processor's request state) holds this copy, so when it is gone no
+    request of this resolution can reach the engine with this id any more."""
+    cls = _leased_cls()
+    copy = cls(**{f: getattr(lora, f) for f in lora.__struct_fields__})
+    ADAPTERS.lease(copy, copy.lora_int_id)
+    return copy
+
+
+_pinned: dict[int, tuple[Any, Any]] = {}  # id(request) -> (request, leased LoRARequest)
+
+
+def pin_adapter(request: Any, lora: Any) -> Callable[[], None]:
+    """Resolve `request` (this very object) to `lora`'s id when vLLM's handler asks, even if the
+    name was unloaded or replaced since: for a router (Ray Serve) that resolved the adapter
+    before vLLM sees the request. Returns the unpin function; the pin holds a reference."""
+    key = id(request)
+    _pinned[key] = (request, leased(lora))  # the request itself is held: its id stays unique
+    return lambda: _pinned.pop(key, None)
+
+
+def _wrap_maybe_get_adapters(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def _maybe_get_adapters(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        pinned = _pinned.get(id(request))
+        if pinned is not None and pinned[0] is request:
+            return pinned[1]
+        lora = orig(self, request, *args, **kwargs)  # resolution: the name's current id
+        return None if lora is None else leased(lora)
+
+    return _maybe_get_adapters
+
+
+def _log_task_error(task: asyncio.Task) -> None:
+    if not task.cancelled() and (e := task.exception()) is not None:
+        logger.error("flora_vllm: background adapter task failed: %r", e, exc_info=e)
 
 
 def _spawn(coro: Any) -> None:
     task = asyncio.get_running_loop().create_task(coro)
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
+    task.add_done_callback(_log_task_error)
 
 
-def _ids_in_flight(engine: Any) -> set[int]:
-    states = engine.output_processor.request_states.values()
-    return {s.lora_request.lora_int_id for s in states if s.lora_request is not None}
+_tasks: set[asyncio.Task] = set()  # background tasks kept alive until done
+
+AFTER_RELEASE: list[Callable[[Any], Any]] = []
+"""Coroutine functions run with the engine client after an adapter left it (the Ray replica
+loads back adapters vLLM's own LRU dropped meanwhile)."""
 
 
-def _release_idle() -> None:
-    """Ask the engine to drop every retired adapter no request in flight still uses."""
-    busy: dict[int, set[int]] = {}  # id(engine) -> adapter ids in flight, read once per engine
-    for lora_id, engine in list(_retiring.items()):
-        if id(engine) not in busy:
-            busy[id(engine)] = _ids_in_flight(engine)
-        if lora_id not in busy[id(engine)]:
-            del _retiring[lora_id]
-            _types.pop(lora_id, None)
-            _spawn(engine.remove_lora(lora_id))
-            logger.info("flora_vllm: released adapter id %d from the engine", lora_id)
+async def _remove_from_engine(engine: Any, lora_id: int) -> None:
+    await engine.remove_lora(lora_id)
+    logger.info("flora_vllm: released adapter id %d from the engine", lora_id)
+    for after in AFTER_RELEASE:
+        await after(engine)
 
 
-async def _retire_later(engine: Any, lora_id: int) -> None:
-    await asyncio.sleep(RETIRE_GRACE_S)
-    _retiring[lora_id] = engine
-    _release_idle()
+def retire(engine: Any, lora_id: int) -> None:
+    """Drop adapter `lora_id` from the engine once no request holds a reference on it. Call on
+    the event loop; the release itself may come from any thread (a finalizer)."""
+    loop = asyncio.get_running_loop()
+
+    def release() -> None:
+        _types.pop(lora_id, None)
+        start = lambda: _spawn(_remove_from_engine(engine, lora_id))  # noqa: E731
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:  # a finalizer in another thread
+            here = False
+        if here:
+            start()  # at once: `settle_releases` sees it
+        else:
+            loop.call_soon_threadsafe(start)
+
+    ADAPTERS.retire(lora_id, release)
+
+
+async def settle_releases() -> None:
+    """Wait for the adapter removals already started (before loading another adapter, so the
+    engine's adapter cache does not overflow and evict a registered one)."""
+    if _tasks:
+        await asyncio.gather(*list(_tasks), return_exceptions=True)
+
+
+# --- adapters in the API server: roots, reload, unload ---------------------------------------
 
 
 def _load_error(lora_request: Any, e: Exception) -> Any:
@@ -455,7 +679,7 @@ async def _reload(models: Any, request: Any, base_model_name: str | None) -> Any
             return _load_error(new, e)
         models.lora_requests[name] = new
     if old is not None:
-        _spawn(_retire_later(models.engine_client, old.lora_int_id))
+        retire(models.engine_client, old.lora_int_id)
     logger.info("flora_vllm: reloaded adapter '%s' from '%s'", name, request.lora_path)
     return f"Success: LoRA adapter '{name}' reloaded."
 
@@ -492,7 +716,7 @@ def _wrap_unload_lora_adapter(orig: Callable) -> Callable:
         old = self.lora_requests.get(request.lora_name) if request.lora_name else None
         result = await orig(self, request)
         if old is not None and not isinstance(result, ErrorResponse):
-            _spawn(_retire_later(self.engine_client, old.lora_int_id))
+            retire(self.engine_client, old.lora_int_id)
         return result
 
     return unload_lora_adapter
@@ -537,8 +761,6 @@ def _wrap_update_stats_from_finished(orig: Callable) -> Callable:
     def _update_stats_from_finished(self: Any, req_state: Any, finish_reason: Any, *args: Any):
         orig(self, req_state, finish_reason, *args)
         _observe_finished(req_state, str(finish_reason))
-        if _retiring:
-            _release_idle()
 
     return _update_stats_from_finished
 
@@ -551,8 +773,6 @@ def _wrap_abort_requests(orig: Callable) -> Callable:
         for request_id in aborted:
             if (state := states.get(request_id)) is not None:
                 _observe_finished(state, "abort")
-        if _retiring:
-            _release_idle()
         return aborted
 
     return abort_requests
@@ -620,6 +840,29 @@ def _wrap_init_middleware(orig: Callable) -> Callable:
     return init_entrypoints_middleware
 
 
+HOLD_DIR_ENV = "FLORA_TEST_HOLD_DIR"
+"""Test seam (off unless set): a request for an adapter named `held-*` stops between adapter
+resolution and the engine, writes `<dir>/<request id>.held` and waits for `<dir>/release`."""
+HOLD_LIMIT_S = 300.0
+
+
+def _wrap_add_request_hold(orig: Callable, folder: str) -> Callable:
+    @functools.wraps(orig)
+    async def add_request(self: Any, request_id: str, *args: Any, **kwargs: Any) -> Any:
+        lora = kwargs.get("lora_request")  # generate() passes it by name
+        if lora is not None and lora.lora_name.startswith("held-"):
+            with open(os.path.join(folder, f"{request_id}.held"), "w") as f:
+                f.write(f"{lora.lora_name} {lora.lora_int_id}\n")
+            deadline = time.monotonic() + HOLD_LIMIT_S
+            while not os.path.exists(os.path.join(folder, "release")):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{HOLD_DIR_ENV}: nobody released {request_id}")
+                await asyncio.sleep(0.02)
+        return await orig(self, request_id, *args, **kwargs)
+
+    return add_request
+
+
 def apply_hooks() -> None:
     """Install every hook once per process (vLLM runs plugins in each of its processes)."""
     global _applied
@@ -641,6 +884,18 @@ def apply_hooks() -> None:
     _patch(
         "vllm.v1.core.kv_cache_utils", "_gen_lora_extra_hash_keys", lambda _: _lora_extra_hash_keys
     )
+    _patch(
+        "vllm.entrypoints.serve.engine.serving",
+        "BaseServing._maybe_get_adapters",
+        _wrap_maybe_get_adapters,
+    )
+    _patch("vllm.v1.worker.gpu_input_batch", "InputBatch.make_lora_inputs", _active_loras_by_id)
+    core = "vllm.v1.engine.core"
+    _patch(core, "EngineCore.add_request", _wrap_core_add_request)
+    _patch(core, "EngineCore.add_lora", _wrap_core_add_lora)
+    _patch(core, "EngineCore.remove_lora", _wrap_core_remove_lora)
+    for method in ("abort_requests", "step", "step_with_batch_queue"):
+        _patch(core, f"EngineCore.{method}", _wrap_core_after)
     serving = "vllm.entrypoints.openai.models.serving"
     _patch(serving, "OpenAIServingModels.load_lora_adapter", _wrap_load_lora_adapter)
     _patch(serving, "OpenAIServingModels.unload_lora_adapter", _wrap_unload_lora_adapter)
@@ -648,6 +903,12 @@ def apply_hooks() -> None:
     _patch(outputs, "OutputProcessor._update_stats_from_finished", _wrap_update_stats_from_finished)
     _patch(outputs, "OutputProcessor.abort_requests", _wrap_abort_requests)
     _patch("vllm.entrypoints.launchers.app", "init_entrypoints_middleware", _wrap_init_middleware)
+    if folder := os.environ.get(HOLD_DIR_ENV):
+        _patch(
+            "vllm.v1.engine.async_llm",
+            "AsyncLLM.add_request",
+            lambda old: _wrap_add_request_hold(old, folder),
+        )
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
     setattr(WorkerWrapperBase, RESIDENCY_RPC, worker_lora_residency)  # collective RPC target

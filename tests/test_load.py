@@ -24,6 +24,7 @@ from reference import load_reference, token_logprobs
 
 from flora_vllm.server import ServerProcess, lora_modules_args
 from flora_vllm.tiny import LLAMA_TARGETS, make_flora_adapter
+from flora_vllm.vllm_hooks import HOLD_DIR_ENV
 
 TOL = 1e-3  # log-probability, float32
 N_FLORA = 16  # FLoRA adapters registered at start
@@ -50,6 +51,7 @@ class LoadEnv:
     paths: dict[str, str]  # every model name (base, adapters at start, NEW) -> folder
     log_path: str
     http: httpx.Client
+    hold_dir: Path  # FLORA_TEST_HOLD_DIR: requests for `held-*` adapters wait here
     _refs: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     def ref(self, name: str) -> torch.nn.Module:
@@ -79,6 +81,7 @@ def env(
     for j, name in enumerate(NEW):
         paths[name] = make_flora_adapter(base, str(root / name), 8 - 4 * j, LLAMA_TARGETS, 2000 + j)
     log_path = str(tmp_path_factory.mktemp("logs") / "load.log")
+    hold_dir = tmp_path_factory.mktemp("hold")
     args = [
         "--served-model-name", "base",
         "--dtype", "float32",
@@ -94,10 +97,11 @@ def env(
         "--seed", "0",
         *lora_modules_args(startup),
     ]  # fmt: skip
-    server = ServerProcess(base, args=args, env={"HF_HUB_OFFLINE": "1"}, log_path=log_path)
+    env = {"HF_HUB_OFFLINE": "1", HOLD_DIR_ENV: str(hold_dir)}
+    server = ServerProcess(base, args=args, env=env, log_path=log_path)
     limits = httpx.Limits(max_connections=2 * CONCURRENCY, max_keepalive_connections=CONCURRENCY)
     with server, httpx.Client(base_url=server.url, timeout=300, limits=limits) as http:
-        yield LoadEnv(server, paths, log_path, http)
+        yield LoadEnv(server, paths, log_path, http, hold_dir)
 
 
 # --- asking and checking ------------------------------------------------------------------------
@@ -508,3 +512,75 @@ def test_unload_with_requests_in_flight(env: LoadEnv, tmp_path: Path) -> None:
     assert new.status == 200, (new.status, new.error)
     assert _moved(ref_old, new) > 0.05, "the reloaded adapter answers like the old weights"
     assert mismatch(ref_new, new) is None, f"reloaded {y}: {mismatch(ref_new, new)}"
+
+
+# --- the forced race: a request between adapter resolution and the engine -----------------------
+
+OLD_GRACE_S = 2.0  # the timer this replaced kept a retired adapter 2 s; the hold outlasts it
+
+
+def _held(hold_dir: Path, n: int, timeout: float = 120.0) -> list[tuple[str, int]]:
+    """Wait until n requests are held between resolution and the engine; (adapter, id) each."""
+    deadline = time.monotonic() + timeout
+    while len(files := sorted(hold_dir.glob("*.held"))) < n:
+        assert time.monotonic() < deadline, f"only {len(files)} of {n} requests were held"
+        time.sleep(0.05)
+    return [(name, int(i)) for name, i in (f.read_text().split() for f in files)]
+
+
+def test_request_held_across_unload_and_reload(env: LoadEnv, tmp_path: Path) -> None:
+    """A request resolves adapter `held-x` and is held before the engine (longer than the old
+    grace timer) while `held-x` is unloaded, its files replaced and loaded again; three requests
+    for the new weights wait with it. Released together, one batch holds both ids of one name
+    (neither in a device slot): the first request answers with the weights it resolved, the
+    others with the new ones, the server stays healthy, the old id leaves the engine once its
+    request is done, and the next requests are right."""
+    base, name = env.paths["base"], "held-x"
+    folder = make_flora_adapter(base, str(tmp_path / "adapter"), 4, LLAMA_TARGETS, seed=5000)
+    fresh = make_flora_adapter(base, str(tmp_path / "fresh"), 4, LLAMA_TARGETS, seed=5001)
+    ref_old, ref_new = load_reference(base, folder), load_reference(base, fresh)
+    prompts = [_long_prompt(60 + i) for i in range(4)]
+    load_adapter(env.http, name, folder)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(ask, env.http, name, prompts[0])
+            ((_, old_id),) = _held(env.hold_dir, 1)
+            unload_adapter(env.http, name)
+            for f in os.listdir(fresh):  # the same folder, new weights
+                shutil.copyfile(os.path.join(fresh, f), os.path.join(folder, f))
+            load_adapter(env.http, name, folder)
+            later = [pool.submit(ask, env.http, name, p) for p in prompts[1:]]
+            held = _held(env.hold_dir, 4)
+            # Four other adapters take the four device slots: neither id of `held-x` is
+            # active when the held requests enter one batch, so both must be activated.
+            for other in [_flora_name(i) for i in range(MAX_LORAS)]:
+                a = ask(env.http, other, prompts[0], max_tokens=2)
+                assert a.status == 200, (other, a.status, a.error)
+            time.sleep(OLD_GRACE_S + 1.0)  # provokes the old timer; nothing here waits on time
+            (env.hold_dir / "release").touch()
+            answers = [first.result(timeout=300)] + [f.result(timeout=300) for f in later]
+    finally:
+        (env.hold_dir / "release").touch()
+    new_ids = {i for n, i in held} - {old_id}
+    assert len(new_ids) == 1 and {n for n, _ in held} == {name}, held
+
+    problems = []
+    for k, (a, ref) in enumerate(zip(answers, [ref_old] + [ref_new] * 3, strict=True)):
+        if a.status != 200:
+            problems.append(f"request {k}: {a.status} {a.error}")
+        elif why := mismatch(ref, a):
+            problems.append(f"request {k} ({'old' if k == 0 else 'new'} weights): {why}")
+    assert not problems, "\n".join(problems) + f"\n{_log_excerpt(env.log_path)}"
+    assert _moved(ref_new, answers[0]) > 0.05, "the held request got the new weights"
+
+    released = f"released adapter id {old_id} from the engine"
+    deadline = time.monotonic() + 60
+    while released not in Path(env.log_path).read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"old id {old_id} never left the engine"
+        time.sleep(0.1)
+    assert env.http.get("/health").status_code == 200
+    for model, ref in (("base", env.ref("base")), (name, ref_new)):
+        (env.hold_dir / "release").touch()
+        a = ask(env.http, model, prompts[0])
+        assert a.status == 200 and mismatch(ref, a) is None, (model, a.status, a.error)
+    unload_adapter(env.http, name)

@@ -98,3 +98,22 @@ def test_patched_prefix_cache_key_tells_reloads_apart(tmp_path):
 
     assert keys(1) != keys(2) and keys(1) == keys(1)
     assert utils._gen_lora_extra_hash_keys(SimpleNamespace(lora_request=None)) == []
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
+def test_patched_step_adapters_keep_both_ids_of_one_name(tmp_path):
+    """0011 applied: an old and a new id of one adapter name in one batch both get activated."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from vllm.lora.request import LoRARequest
+
+    batch_module = _patched_module("0011", tmp_path)
+    batch = SimpleNamespace(
+        num_reqs=2,
+        request_lora_mapping=np.array([80, 88]),
+        lora_id_to_lora_request={80: LoRARequest("a", 80, "/a"), 88: LoRARequest("a", 88, "/a")},
+    )
+    ones = np.ones(2, dtype=np.int32)
+    _, _, requests = batch_module.InputBatch.make_lora_inputs(batch, ones, ones)
+    assert sorted(r.lora_int_id for r in requests) == [80, 88]
