@@ -24,6 +24,7 @@ from benchmarks import common  # noqa: E402
 
 MODE_STYLE = {
     "base": {"color": "black", "linestyle": "--"},
+    "base-lora": {"color": "grey", "linestyle": "-."},
     "lora": {"color": "tab:blue", "marker": "s"},
     "flora": {"color": "tab:red", "marker": "o"},
     "mixed": {"color": "tab:purple", "marker": "^"},
@@ -72,7 +73,17 @@ def plot_serving(result: dict[str, Any], png: str) -> str | None:
                 if pts:
                     ax.plot(*zip(*pts, strict=True), label=mode, **MODE_STYLE[mode])
             if base and base["metrics"].get(key) is not None:
-                ax.axhline(base["metrics"][key], label="base (no adapter)", **MODE_STYLE["base"])
+                ax.axhline(
+                    base["metrics"][key], label="plain vLLM (LoRA off)", **MODE_STYLE["base"]
+                )
+            base_lora = next(
+                (r for r in runs if r["mode"] == "base-lora" and r["num_adapters"] == n), None
+            )
+            if base_lora and base_lora["metrics"].get(key) is not None:
+                ax.axhline(
+                    base_lora["metrics"][key], label="base requests, adapters on",
+                    **MODE_STYLE["base-lora"],
+                )
             if infl:
                 ax.axvline(infl, color="grey", linestyle=":", linewidth=2)
                 ax.annotate(

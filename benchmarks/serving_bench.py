@@ -63,7 +63,7 @@ from flora_vllm import tiny  # noqa: E402
 from flora_vllm.server import ServerProcess, lora_modules_args  # noqa: E402
 
 # ---- Config ------------------------------------------------------------------------------------
-MODES = ("base", "lora", "flora", "mixed")
+MODES = ("base", "base-lora", "lora", "flora", "mixed")
 RANKS = (1, 2, 4, 8, 16)
 NUM_ADAPTERS = (1, 8, 32, 64)
 MAX_LORAS_CAP = 32
@@ -116,7 +116,11 @@ class Run:
 
     @property
     def id(self) -> str:
-        return "base" if self.mode == "base" else f"{self.mode}-r{self.rank}-n{self.num_adapters}"
+        if self.mode == "base":
+            return "base"
+        if self.mode == "base-lora":
+            return f"base-lora-n{self.num_adapters}"
+        return f"{self.mode}-r{self.rank}-n{self.num_adapters}"
 
 
 @dataclass
@@ -212,6 +216,9 @@ def plan_servers(
             groups.setdefault(common.vllm_max_lora_rank(r), []).append(r)
         for max_rank, group_ranks in groups.items():
             plan = ServerPlan(f"n{n}-maxrank{max_rank}", max_rank, min(n, cap))
+            if "base-lora" in modes and not any(p.key.startswith(f"n{n}-") for p in plans):
+                # base requests on the adapter-enabled server: what adapter mode costs them
+                plan.runs.append(Run("base-lora", None, n, []))
             for r in group_ranks:
                 for mode in ("lora", "flora", "mixed"):
                     if mode not in modes:
@@ -347,6 +354,7 @@ def summarize(runs: list[dict[str, Any]], ranks: list[int], counts: list[int]) -
     base_tps = metric("base", None, 0, "output_throughput")
     out: dict[str, Any] = {}
     for n in counts:
+        base_lora_tps = metric("base-lora", None, n, "output_throughput")
         by_rank: dict[str, Any] = {}
         for r in ranks:
             tps = {m: metric(m, r, n, "output_throughput") for m in ("flora", "lora", "mixed")}
@@ -355,6 +363,7 @@ def summarize(runs: list[dict[str, Any]], ranks: list[int], counts: list[int]) -
                 "output_tok_s": {"base": base_tps, **tps},
                 "median_tpot_ms": {"base": metric("base", None, 0, "median_tpot_ms"), **tpot},
                 "flora_over_base": _ratio(tps["flora"], base_tps),
+                "lora_over_base": _ratio(tps["lora"], base_tps),
                 "flora_over_lora": _ratio(tps["flora"], tps["lora"]),
                 "mixed_over_base": _ratio(tps["mixed"], base_tps),
             }
@@ -362,6 +371,9 @@ def summarize(runs: list[dict[str, Any]], ranks: list[int], counts: list[int]) -
         lora = {r: by_rank[str(r)]["output_tok_s"]["lora"] for r in ranks}
         out[str(n)] = {
             "inflection_rank": common.inflection_rank(ranks, flora, lora),
+            # the reference line: the plain server with LoRA off
+            "base_on_adapter_server_over_plain": _ratio(base_lora_tps, base_tps),
+            "base_on_adapter_server_tok_s": base_lora_tps,
             "by_rank": by_rank,
         }
     return out
@@ -388,6 +400,9 @@ def print_table(summary: dict[str, Any]) -> None:
                 f"{f(row['flora_over_base'], '10.3f')} {f(row['flora_over_lora'], '10.3f')}"
             )
         print(f"{n:>4} inflection rank (FLoRA tok/s < LoRA's): {s['inflection_rank'] or 'none'}")
+        if s.get("base_on_adapter_server_over_plain") is not None:
+            print(f"{n:>4} base requests on the adapter-enabled server / plain server: "
+                  f"{s['base_on_adapter_server_over_plain']:.3f}")
 
 
 # ---- Driver ------------------------------------------------------------------------------------

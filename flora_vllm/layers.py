@@ -121,21 +121,26 @@ class FLoRALinearMixin:
         self._slice_gemms = self._build_slice_gemms(weight)
 
     def _build_slice_gemms(self, weight: torch.Tensor) -> list[Gemm]:
-        """One GEMM per output slice. On the CPU a packed layer (qkv, gate_up) gets one packed
-        GEMM per slice, and its base path becomes their concatenation, so the weight is held
-        packed once (plus the unpacked copy FLoRA merges read), not twice."""
+        """One GEMM per output slice (FLoRA scales each slice's input on its own). On the CPU a
+        packed layer (qkv, gate_up) keeps vLLM's whole-weight packed GEMM too: batches with no
+        FLoRA token take it, and per-slice GEMMs + concatenation cost 10-30% more there."""
         cpu_linear = getattr(self.base_layer, "cpu_linear", None)
-        if weight.device.type != "cpu" or cpu_linear is None:
-            return [make_gemm(w) for w in weight.split(list(self.output_slices))]
-        if len(self.output_slices) == 1:
+        if weight.device.type == "cpu" and cpu_linear is not None and len(self.output_slices) == 1:
             return [lambda x: cpu_linear(x, weight, None)]
-        gemms = [make_gemm(w) for w in weight.split(list(self.output_slices))]
+        return [make_gemm(w) for w in weight.split(list(self.output_slices))]
 
-        def packed(x: torch.Tensor, _w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            return _add_bias(torch.cat([g(x) for g in gemms], dim=-1), bias)
-
-        self.base_layer.cpu_linear = packed  # frees the whole-weight packed copy
-        return gemms
+    def step_counts(self, n_tok: int) -> list[int]:
+        """Tokens per slot in this forward pass ([no adapter, slot 0, slot 1, ...]), from the
+        host-side copy the plugin keeps per step; a device count only as a fallback."""
+        step = getattr(self.punica_wrapper, "flora_step", None)
+        if step is not None and step[0] <= n_tok:
+            counts = list(step[1])
+            counts[0] += n_tok - step[0]  # padded tokens carry no adapter
+            return counts
+        slots = self.punica_wrapper.token_lora_indices[:n_tok]
+        counts = torch.bincount(slots + 1, minlength=len(self._flora_version) + 1).tolist()
+        counts[0] += n_tok - slots.shape[0]
+        return counts
 
     def flora_full_shapes(self) -> list[tuple[int, int]]:
         """(out_features, in_features) per slice as the adapter file stores them (unsharded)."""
@@ -182,10 +187,16 @@ class FLoRALinearMixin:
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.is_cuda and _fused_kernel_available():
             return self._apply_fused(x, bias)
-        if not self._flora_slots:  # no FLoRA adapter resident: vLLM's own path, untouched
-            return super().apply(x, bias)
         x2 = x.flatten(0, -2) if x.ndim == 3 else x  # [T, in]
         n_tok = x2.shape[0]
+        counts = self.step_counts(n_tok)
+        present = [s for s in self._flora_slots if counts[s + 1]]
+        lora_tokens = any(n and s not in self._flora_slots for s, n in enumerate(counts[1:]))
+        if not present:  # no FLoRA token in this pass: the base GEMM, LoRA only if some token has
+            output = self.base_layer.quant_method.apply(self.base_layer, x2, bias)
+            if lora_tokens:
+                output = self._apply_lora_to_output(x2, output)
+            return output.reshape(*x.shape[:-1], output.shape[-1])
         slots = self.punica_wrapper.token_lora_indices[:n_tok]  # [T], -1 = no adapter
         if slots.shape[0] < n_tok:  # padded tokens carry no adapter
             pad = slots.new_full((n_tok - slots.shape[0],), -1)
@@ -193,9 +204,6 @@ class FLoRALinearMixin:
         weight = self.base_layer.weight  # [sum(output_slices), in]
         execution = get_config().execution
         n_slots = len(self._flora_version)
-        # tokens per slot (index 0 = no adapter): one host sync, then planning is host-side
-        counts = torch.bincount(slots + 1, minlength=n_slots + 1).tolist()
-        present = [s for s in self._flora_slots if counts[s + 1]]
         ident = torch.remainder(slots, n_slots + 1)  # [T]; -1 -> the identity slot
         outs, start = [], 0
         for i, size in enumerate(self.output_slices):
@@ -221,7 +229,6 @@ class FLoRALinearMixin:
                 )
             start += size
         output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, out]
-        lora_tokens = any(n for s, n in enumerate(counts[1:]) if s not in self._flora_slots)
         if lora_tokens:  # punica adds LoRA for LoRA slots (FLoRA slots hold zero LoRA weights)
             output = self._apply_lora_to_output(x2, output)
         return output.reshape(*x.shape[:-1], output.shape[-1])
@@ -328,7 +335,11 @@ class FiniteKVMixin:
     with weight 0, and 0 × NaN would hand the next tenant NaN (tests: test_bad_input)."""
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.nan_to_num_(super().apply(x, bias))  # type: ignore[misc]
+        output = super().apply(x, bias)  # type: ignore[misc]
+        n_tok = output.numel() // output.shape[-1]
+        if self.step_counts(n_tok)[0] == n_tok and not x.is_cuda:  # no adapter token: as base
+            return output
+        return torch.nan_to_num_(output)
 
 
 class QKVParallelLinearWithFLoRA(FiniteKVMixin, FLoRALinearMixin, QKVParallelLinearWithLoRA):

@@ -32,6 +32,10 @@ HOOKS with the reason; `patches/` holds the same changes as diffs against vLLM's
   scheduler holds a request of that id; a request arriving with a removed id fails alone.
 - `OutputProcessor._update_stats_from_finished`, `OutputProcessor.abort_requests`: per-adapter
   Prometheus metrics (`flora_vllm.metrics`).
+- `punica_base.convert_mapping` (vectorized: Python work per distinct adapter, not per token),
+  `PunicaWrapperBase.update_metadata` (the step's tokens per slot, on the host, once), and
+  `LogitsProcessorWithLoRA` (`set_lora` / `reset_lora` / `_get_logits`: the lm_head LoRA only
+  while some slot has lm_head weights): what adapter mode costs requests that use no adapter.
 - Test seam, only with FLORA_TEST_HOLD_DIR set: `AsyncLLM.add_request` holds `held-*` adapters'
   requests between resolution and the engine, so a test can force the unload race.
 - `vllm.entrypoints.launchers.app.init_entrypoints_middleware`: adds the per-adapter gauges'
@@ -58,6 +62,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+import numpy as np
 import torch
 
 from flora_vllm import metrics
@@ -105,6 +110,11 @@ HOOK_TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.v1.engine.core", "EngineCore.step"),
     ("vllm.v1.engine.core", "EngineCore.step_with_batch_queue"),
     ("vllm.v1.engine.core", "EngineCoreProc._send_error_outputs_to_client"),  # read only
+    ("vllm.lora.punica_wrapper.punica_base", "convert_mapping"),
+    ("vllm.lora.punica_wrapper.punica_base", "PunicaWrapperBase.update_metadata"),
+    ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA._get_logits"),
+    ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA.set_lora"),
+    ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA.reset_lora"),
 )
 
 _applied = False
@@ -499,6 +509,80 @@ def _wrap_core_add_request(orig: Callable) -> Callable:
     return add_request
 
 
+# --- per-step work follows the adapters in the step, not the tokens ------------------------------
+
+
+def convert_mapping(
+    mapping: Any,
+    lora_index_to_id: list[int | None],
+    max_loras: int,
+    vocab_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """vLLM's `punica_wrapper.utils.convert_mapping` without its Python loop over every token:
+    numpy over the tokens, Python only over the distinct adapter ids. Same tensors."""
+    ids = np.asarray(mapping.index_mapping, dtype=np.int64)  # [T] adapter id, 0 = none
+    prompt = np.asarray(mapping.prompt_mapping, dtype=np.int64)  # [S] per sampled row
+    slot_of = {lora_id: i for i, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
+    uniq = np.unique(np.concatenate([ids, prompt]))
+    table = np.array([slot_of[u] if u > 0 else -1 for u in uniq.tolist()], dtype=np.int64)
+
+    def slots(x: np.ndarray) -> np.ndarray:
+        return table[np.searchsorted(uniq, x)] if x.size else x.copy()
+
+    lora_indices, prompt_slots = slots(ids), slots(prompt)
+    embedding_indices = np.where(ids > 0, lora_indices, 0)
+    indices = torch.from_numpy(np.stack([ids, lora_indices, embedding_indices])).to(device)
+    sampler_indices = torch.from_numpy(prompt_slots).to(device)
+    padded = torch.where(sampler_indices == -1, max_loras - 1, sampler_indices)
+    n = padded.shape[0]
+    padded = torch.arange(0, n, device=device, dtype=torch.long) + padded * n
+    embeddings_indices = indices[2] * vocab_size
+    base_indices = indices[1]
+    lengths = [base_indices.shape[-1], n, n, embeddings_indices.shape[-1]]
+    return base_indices, sampler_indices, padded, embeddings_indices, lengths
+
+
+def _wrap_update_metadata(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def update_metadata(self: Any, mapping: Any, lora_index_to_id: Any, max_loras: int, *a, **k):
+        """Also keep the step's tokens per slot on the host (`flora_step`: T, [no adapter,
+        slot 0, ...]) so the layers decide once per step which paths run, with no device sync
+        per layer."""
+        orig(self, mapping, lora_index_to_id, max_loras, *a, **k)
+        slots = self.token_lora_indices
+        counts = torch.bincount(slots + 1, minlength=max_loras + 1).tolist()
+        self.flora_step = (slots.shape[0], counts)
+
+    return update_metadata
+
+
+def _logits_lora_by_need(cls: type) -> None:
+    """`LogitsProcessorWithLoRA`: run the lm_head LoRA only while some slot holds lm_head
+    weights (few adapters do); otherwise the plain logits, as a server without LoRA."""
+    set_lora, reset_lora, get_logits = cls.set_lora, cls.reset_lora, cls._get_logits
+
+    @functools.wraps(set_lora)
+    def set_lora_(self: Any, index: int, *args: Any, **kwargs: Any) -> Any:
+        result = set_lora(self, index, *args, **kwargs)
+        self.__dict__.setdefault("_flora_weighted", set()).add(index)
+        return result
+
+    @functools.wraps(reset_lora)
+    def reset_lora_(self: Any, index: int) -> Any:
+        self.__dict__.setdefault("_flora_weighted", set()).discard(index)
+        return reset_lora(self, index)
+
+    @functools.wraps(get_logits)
+    def _get_logits(self: Any, hidden_states: Any, lm_head: Any, *args: Any, **kwargs: Any):
+        if self.__dict__.get("_flora_weighted"):
+            return get_logits(self, hidden_states, lm_head, *args, **kwargs)
+        head = getattr(lm_head, "base_layer", lm_head)
+        return self.base_layer._get_logits(hidden_states, head, *args, **kwargs)
+
+    cls.set_lora, cls.reset_lora, cls._get_logits = set_lora_, reset_lora_, _get_logits
+
+
 # --- prefix cache -----------------------------------------------------------------------------
 
 
@@ -890,6 +974,12 @@ def apply_hooks() -> None:
         _wrap_maybe_get_adapters,
     )
     _patch("vllm.v1.worker.gpu_input_batch", "InputBatch.make_lora_inputs", _active_loras_by_id)
+    punica = "vllm.lora.punica_wrapper.punica_base"
+    _patch(punica, "convert_mapping", lambda _: convert_mapping)
+    _patch(punica, "PunicaWrapperBase.update_metadata", _wrap_update_metadata)
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+
+    _logits_lora_by_need(LogitsProcessorWithLoRA)
     core = "vllm.v1.engine.core"
     _patch(core, "EngineCore.add_request", _wrap_core_add_request)
     _patch(core, "EngineCore.add_lora", _wrap_core_add_lora)

@@ -86,6 +86,17 @@ def test_serving_plan_groups_by_max_lora_rank() -> None:
     assert sum(a.startswith("flora-r16-") for a in mixed.adapters) == 20
 
 
+def test_serving_plan_measures_base_on_the_adapter_server_once_per_count() -> None:
+    plans, _ = serving_bench.plan_servers(["base", "base-lora", "flora"], [1, 8], [4], cap=32)
+    runs = [(p.key, r.id, r.adapters) for p in plans for r in p.runs]
+    assert runs == [
+        ("base", "base", []),
+        ("n4-maxrank1", "base-lora-n4", []),  # base requests, adapters on
+        ("n4-maxrank1", "flora-r1-n4", [f"flora-r1-{i}" for i in range(4)]),
+        ("n4-maxrank8", "flora-r8-n4", [f"flora-r8-{i}" for i in range(4)]),
+    ]
+
+
 # ---- Layer benchmark ----------------------------------------------------------------------------
 def _check_layer_result(path: Path) -> dict:
     result = json.loads(path.read_text())
@@ -141,7 +152,8 @@ def test_serving_bench_smoke(tmp_path: Path) -> None:
     run_script(
         [
             "benchmarks/serving_bench.py", "--tiny",
-            "--modes", "base", "flora", "lora", "--ranks", "1", "--num-adapters", "2",
+            "--modes", "base", "base-lora", "flora", "lora", "--ranks", "1",
+            "--num-adapters", "2",
             "--num-prompts", "4", "--input-len", "16", "--output-len", "8",
             "--max-concurrency", "4",
             "--workdir", str(tmp_path / "work"), "--results-dir", str(results),
@@ -152,7 +164,7 @@ def test_serving_bench_smoke(tmp_path: Path) -> None:
     result = json.loads((results / "smoke.json").read_text())
     assert result["kind"] == "serving"
     runs = {r["id"]: r for r in result["runs"]}
-    assert set(runs) == {"base", "lora-r1-n2", "flora-r1-n2"}
+    assert set(runs) == {"base", "base-lora-n2", "lora-r1-n2", "flora-r1-n2"}
     for run in runs.values():
         assert run["error"] is None, run
         m = run["metrics"]
@@ -171,6 +183,7 @@ def test_serving_bench_smoke(tmp_path: Path) -> None:
 
     row = result["summary"]["2"]["by_rank"]["1"]
     assert row["flora_over_base"] > 0 and row["flora_over_lora"] > 0
+    assert result["summary"]["2"]["base_on_adapter_server_over_plain"] > 0
     assert result["model"]["params_m"] > 0 and result["machine"]["logical_cpus"]
     assert result["versions"]["flora-vllm"]
 

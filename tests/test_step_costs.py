@@ -1,0 +1,64 @@
+"""What adapter mode costs every step, removed without changing a result: the vectorized
+`convert_mapping` gives vLLM's tensors exactly, and the host-side tokens-per-slot summary
+matches the device indices."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from flora_vllm import vllm_hooks
+
+
+def _stock():
+    from vllm.lora.punica_wrapper import utils
+
+    return utils.convert_mapping  # the module's own name: the plugin patches punica_base's
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorized_convert_mapping_equals_stock(seed):
+    from vllm.lora.layers import LoRAMapping
+
+    rng = random.Random(seed)
+    slots = 8
+    ids = rng.sample(range(1, 500), rng.randint(0, slots))
+    lora_index_to_id = ids + [None] * (slots - len(ids))
+    rng.shuffle(lora_index_to_id)
+    n_tok = rng.choice([0, 1, 7, 64, 300])
+    pool = [0, *ids]
+    tokens = [rng.choice(pool) for _ in range(n_tok)]
+    prompt = [rng.choice(pool) for _ in range(rng.randint(0, max(1, n_tok // 4)))]
+    mapping = LoRAMapping(tuple(tokens), tuple(prompt), is_prefill=True)
+    cpu = torch.device("cpu")
+    expected = _stock()(mapping, lora_index_to_id, slots + 1, 8192, cpu)
+    got = vllm_hooks.convert_mapping(mapping, lora_index_to_id, slots + 1, 8192, cpu)
+    for e, g in zip(expected[:4], got[:4], strict=True):
+        assert e.dtype == g.dtype and torch.equal(e, g)
+    assert list(expected[4]) == list(got[4])
+
+
+def test_vectorized_convert_mapping_refuses_an_unknown_id_like_stock():
+    from vllm.lora.layers import LoRAMapping
+
+    mapping = LoRAMapping((0, 7), (7,), is_prefill=True)
+    with pytest.raises(KeyError):
+        _stock()(mapping, [3, None], 3, 100, torch.device("cpu"))
+    with pytest.raises(KeyError):
+        vllm_hooks.convert_mapping(mapping, [3, None], 3, 100, torch.device("cpu"))
+
+
+def test_step_summary_counts_tokens_per_slot():
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    stock = getattr(PunicaWrapperCPU.update_metadata, "__wrapped__", None)
+    update = vllm_hooks._wrap_update_metadata(stock or PunicaWrapperCPU.update_metadata)
+    mapping = LoRAMapping((5, 5, 0, 9, 5), (5, 0, 9), is_prefill=True)
+    update(wrapper, mapping, [9, None, 5], 4, 100)
+    n, counts = wrapper.flora_step
+    assert n == 5 and counts[:4] == [1, 1, 0, 3]  # none, slot 0 (id 9), slot 1, slot 2 (id 5)
+    assert wrapper.token_lora_indices.tolist() == [2, 2, -1, 0, 2]
