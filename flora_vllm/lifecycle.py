@@ -17,7 +17,6 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 logger = logging.getLogger("flora_vllm")
 
@@ -80,11 +79,6 @@ class AdapterLifecycle:
         """Retired ids still waiting for their last request."""
         with self._lock:
             return set(self._retired)
-
-    def snapshot(self) -> dict[str, Any]:
-        """Counts and retired ids, for logs and tests."""
-        with self._lock:
-            return {"refs": dict(self._refs), "retired": sorted(self._retired)}
 
 
 def _call(release: Callable[[], None], lora_id: int) -> None:

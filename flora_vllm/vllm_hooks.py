@@ -451,6 +451,7 @@ def _wrap_core_remove_lora(orig: Callable) -> Callable:
 
 
 def _remove_deferred(core: Any) -> None:
+    """Remove the deferred adapters no scheduled request uses any more (usually none)."""
     deferred, _ = _engine_state(core)
     if deferred:
         for lora_id in deferred - _scheduled_ids(core):
@@ -463,8 +464,7 @@ def _wrap_core_after(orig: Callable) -> Callable:
     @functools.wraps(orig)
     def after(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = orig(self, *args, **kwargs)
-        if self.__dict__.get("_flora_adapter_ids", ((),))[0]:
-            _remove_deferred(self)
+        _remove_deferred(self)
         return result
 
     return after
@@ -557,30 +557,42 @@ def _wrap_update_metadata(orig: Callable) -> Callable:
     return update_metadata
 
 
-def _logits_lora_by_need(cls: type) -> None:
-    """`LogitsProcessorWithLoRA`: run the lm_head LoRA only while some slot holds lm_head
-    weights (few adapters do); otherwise the plain logits, as a server without LoRA."""
-    set_lora, reset_lora, get_logits = cls.set_lora, cls.reset_lora, cls._get_logits
+# `LogitsProcessorWithLoRA`: the lm_head LoRA runs only while some slot holds lm_head weights
+# (few adapters do); otherwise the plain logits, as on a server without LoRA.
 
-    @functools.wraps(set_lora)
-    def set_lora_(self: Any, index: int, *args: Any, **kwargs: Any) -> Any:
-        result = set_lora(self, index, *args, **kwargs)
-        self.__dict__.setdefault("_flora_weighted", set()).add(index)
+
+def _weighted_slots(layer: Any) -> set[int]:
+    return layer.__dict__.setdefault("_flora_weighted", set())
+
+
+def _wrap_logits_set_lora(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def set_lora(self: Any, index: int, *args: Any, **kwargs: Any) -> Any:
+        result = orig(self, index, *args, **kwargs)
+        _weighted_slots(self).add(index)
         return result
 
-    @functools.wraps(reset_lora)
-    def reset_lora_(self: Any, index: int) -> Any:
-        self.__dict__.setdefault("_flora_weighted", set()).discard(index)
-        return reset_lora(self, index)
+    return set_lora
 
-    @functools.wraps(get_logits)
+
+def _wrap_logits_reset_lora(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def reset_lora(self: Any, index: int) -> Any:
+        _weighted_slots(self).discard(index)
+        return orig(self, index)
+
+    return reset_lora
+
+
+def _wrap_logits_get_logits(orig: Callable) -> Callable:
+    @functools.wraps(orig)
     def _get_logits(self: Any, hidden_states: Any, lm_head: Any, *args: Any, **kwargs: Any):
-        if self.__dict__.get("_flora_weighted"):
-            return get_logits(self, hidden_states, lm_head, *args, **kwargs)
+        if _weighted_slots(self):
+            return orig(self, hidden_states, lm_head, *args, **kwargs)
         head = getattr(lm_head, "base_layer", lm_head)
         return self.base_layer._get_logits(hidden_states, head, *args, **kwargs)
 
-    cls.set_lora, cls.reset_lora, cls._get_logits = set_lora_, reset_lora_, _get_logits
+    return _get_logits
 
 
 # --- prefix cache -----------------------------------------------------------------------------
@@ -977,9 +989,10 @@ def apply_hooks() -> None:
     punica = "vllm.lora.punica_wrapper.punica_base"
     _patch(punica, "convert_mapping", lambda _: convert_mapping)
     _patch(punica, "PunicaWrapperBase.update_metadata", _wrap_update_metadata)
-    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
-
-    _logits_lora_by_need(LogitsProcessorWithLoRA)
+    logits = "vllm.lora.layers.logits_processor"
+    _patch(logits, "LogitsProcessorWithLoRA.set_lora", _wrap_logits_set_lora)
+    _patch(logits, "LogitsProcessorWithLoRA.reset_lora", _wrap_logits_reset_lora)
+    _patch(logits, "LogitsProcessorWithLoRA._get_logits", _wrap_logits_get_logits)
     core = "vllm.v1.engine.core"
     _patch(core, "EngineCore.add_request", _wrap_core_add_request)
     _patch(core, "EngineCore.add_lora", _wrap_core_add_lora)

@@ -62,3 +62,32 @@ def test_step_summary_counts_tokens_per_slot():
     n, counts = wrapper.flora_step
     assert n == 5 and counts[:4] == [1, 1, 0, 3]  # none, slot 0 (id 9), slot 1, slot 2 (id 5)
     assert wrapper.token_lora_indices.tolist() == [2, 2, -1, 0, 2]
+
+
+def test_lm_head_lora_runs_only_while_a_slot_has_lm_head_weights():
+    """The plain logits while no slot holds lm_head weights; vLLM's LoRA logits otherwise."""
+
+    class Head:
+        def __init__(self) -> None:
+            self.base_layer = self  # the plain LogitsProcessor's _get_logits below
+
+        def set_lora(self, index, lora_a, lora_b):
+            self.reset_lora(index)  # as vLLM's set_lora does
+
+        def reset_lora(self, index):
+            pass
+
+        def _get_logits(self, hidden, lm_head, *rest):
+            return ("plain", lm_head)
+
+    calls = []
+    set_lora = vllm_hooks._wrap_logits_set_lora(Head.set_lora)
+    reset_lora = vllm_hooks._wrap_logits_reset_lora(Head.reset_lora)
+    Head.reset_lora = reset_lora
+    get_logits = vllm_hooks._wrap_logits_get_logits(lambda *a: calls.append(a) or "lora")
+    head, lm_head = Head(), type("Wrapped", (), {"base_layer": "embedding"})()
+    assert get_logits(head, "h", lm_head) == ("plain", "embedding")  # unwrapped lm_head
+    set_lora(head, 1, "a", "b")
+    assert get_logits(head, "h", lm_head) == "lora" and len(calls) == 1
+    reset_lora(head, 1)
+    assert get_logits(head, "h", lm_head) == ("plain", "embedding")
