@@ -417,7 +417,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-adapters", nargs="+", type=int, default=list(NUM_ADAPTERS))
     ap.add_argument("--max-loras-cap", type=int, default=MAX_LORAS_CAP,
                     help="--max-loras = min(N, this)")
-    ap.add_argument("--flora-execution", default="auto", choices=["auto", "expanded", "merged"],
+    ap.add_argument("--flora-execution", default="auto",
+                    choices=["auto", "expanded", "merged", "fused"],
                     help="FLORA_EXECUTION of the server (how FLoRA layers run)")
     ap.add_argument("--workload", default="default", choices=list(WORKLOADS),
                     help="; ".join(f"{w.name}: in {w.input_len}, out {w.output_len}, "

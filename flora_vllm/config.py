@@ -16,7 +16,9 @@ class FLoRAConfig:
 
     execution: str = "auto"
     """How FLoRA tokens run: `auto` (per-segment cost model), `expanded` (rank rows per token
-    through the shared matmul) or `merged` (each adapter's merged weight). Env FLORA_EXECUTION."""
+    through the shared matmul), `merged` (each adapter's merged weight) or `fused` (the Triton
+    kernel; on a machine without CUDA under TRITON_INTERPRET=1 only: tests). CUDA layers always
+    run the fused kernel. Env FLORA_EXECUTION."""
 
     merge_cache_mb: int = 512
     """Budget for merged weights kept across forward passes (0 = rebuild every time).
@@ -32,6 +34,8 @@ class FLoRAConfig:
             problems.append(
                 f"FLORA_EXECUTION={self.execution!r}; use one of {', '.join(EXECUTIONS)}"
             )
+        if self.execution == "fused":
+            problems.extend(_fused_problems())
         if self.merge_cache_mb < 0:
             problems.append(f"FLORA_MERGE_CACHE_MB={self.merge_cache_mb}; use a size >= 0")
         for root in self.adapter_roots:
@@ -53,6 +57,22 @@ class FLoRAConfig:
             cache_mb,
             tuple(os.path.realpath(r) for r in roots.split(os.pathsep) if r),
         )
+
+
+def _fused_problems() -> list[str]:
+    """Why FLORA_EXECUTION=fused cannot run in this process (empty when it can)."""
+    from flora_vllm.ops.triton_ops import is_triton_available
+
+    if not is_triton_available():
+        return ["FLORA_EXECUTION=fused needs triton (pip install triton)"]
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return [
+            "FLORA_EXECUTION=fused without a CUDA GPU runs the kernel under Triton's interpreter "
+            "only: set TRITON_INTERPRET=1 too (slow; meant for tests), or use auto"
+        ]
+    return []
 
 
 @functools.cache

@@ -62,6 +62,21 @@ def _fused_kernel_available() -> bool:
     return triton_ops.is_triton_available()
 
 
+def _runs_fused(x: torch.Tensor) -> bool:
+    """Whether this pass runs the fused kernel: always on CUDA (when triton imports), on the CPU
+    only with FLORA_EXECUTION=fused (under Triton's interpreter)."""
+    wanted = x.is_cuda or get_config().execution == "fused"
+    return wanted and _fused_kernel_available()
+
+
+def _in_graph(x: torch.Tensor) -> bool:
+    """True while torch.compile traces or a CUDA graph captures: the pass must not branch on
+    host-side state (the per-step slot counts), since a replay would keep this pass's branch."""
+    if torch.compiler.is_compiling():
+        return True
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def merge_cache() -> MergedWeightCache:
     """The process-wide merged-weight cache, sized by FLORA_MERGE_CACHE_MB."""
     global _merge_cache
@@ -185,18 +200,34 @@ class FLoRALinearMixin:
             self._flora_slots.add(index)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.is_cuda and _fused_kernel_available():
-            return self._apply_fused(x, bias)
         x2 = x.flatten(0, -2) if x.ndim == 3 else x  # [T, in]
-        n_tok = x2.shape[0]
-        counts = self.step_counts(n_tok)
+        fused = _runs_fused(x2)
+        if fused and _in_graph(x2):  # captured or traced: no host-side branch, the kernel decides
+            output = self._apply_lora_to_output(x2, self._apply_fused(x2, bias))
+            return output.reshape(*x.shape[:-1], output.shape[-1])
+        counts = self.step_counts(x2.shape[0])
         present = [s for s in self._flora_slots if counts[s + 1]]
         lora_tokens = any(n and s not in self._flora_slots for s, n in enumerate(counts[1:]))
         if not present:  # no FLoRA token in this pass: the base GEMM, LoRA only if some token has
             output = self.base_layer.quant_method.apply(self.base_layer, x2, bias)
-            if lora_tokens:
-                output = self._apply_lora_to_output(x2, output)
-            return output.reshape(*x.shape[:-1], output.shape[-1])
+        elif fused:
+            output = self._apply_fused(x2, bias)
+        else:
+            output = self._apply_torch(x2, bias, counts, present)
+        if lora_tokens:  # punica adds LoRA for LoRA slots (FLoRA slots hold zero LoRA weights)
+            output = self._apply_lora_to_output(x2, output)
+        return output.reshape(*x.shape[:-1], output.shape[-1])
+
+    def _apply_torch(
+        self,
+        x2: torch.Tensor,
+        bias: torch.Tensor | None,
+        counts: list[int],
+        present: list[int],
+    ) -> torch.Tensor:
+        """CPU: torch ops per slice; rank <= 1 as one scaled GEMM, higher ranks per segment
+        (expanded rows or a merged weight, as the execution policy picks)."""
+        n_tok = x2.shape[0]
         slots = self.punica_wrapper.token_lora_indices[:n_tok]  # [T], -1 = no adapter
         if slots.shape[0] < n_tok:  # padded tokens carry no adapter
             pad = slots.new_full((n_tok - slots.shape[0],), -1)
@@ -228,17 +259,13 @@ class FLoRALinearMixin:
                     )
                 )
             start += size
-        output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, out]
-        if lora_tokens:  # punica adds LoRA for LoRA slots (FLoRA slots hold zero LoRA weights)
-            output = self._apply_lora_to_output(x2, output)
-        return output.reshape(*x.shape[:-1], output.shape[-1])
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, out]
 
-    def _apply_fused(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """CUDA: the fused Triton kernel, on every call whether or not FLoRA slots are filled,
-        so a captured CUDA graph stays valid when adapters come and go. It reads the slots of
-        the first T tokens from the punica buffer itself (a fixed address across replays); no
-        host sync. The per-segment merge policy is a CPU (eager) feature."""
-        x2 = x.flatten(0, -2) if x.ndim == 3 else x  # [T, in]
+    def _apply_fused(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The fused Triton kernel per slice (CUDA; the CPU under TRITON_INTERPRET=1). It reads
+        the slots of the first T tokens from the punica buffer itself (a fixed address across
+        CUDA-graph replays) and the ranks on the device: no host sync, so a captured graph stays
+        valid when adapters come and go. The per-segment merge policy is a CPU torch feature."""
         slots = self.punica_wrapper._token_lora_indices  # [max_batched_tokens] >= T
         weight = self.base_layer.weight
         outs, start = [], 0
@@ -255,9 +282,7 @@ class FLoRALinearMixin:
                 )
             )
             start += size
-        output = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        output = self._apply_lora_to_output(x2, output)
-        return output.reshape(*x.shape[:-1], output.shape[-1])
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, out]
 
     def _merged_weights(
         self, i: int, w_i: torch.Tensor, counts: list[int], execution: str

@@ -86,6 +86,8 @@ def test_llama_mixed_batch_every_slot_full(llama_server, model_sets):
         ("starcoder", 1, "auto"),
         ("llama", len(ADAPTERS), "expanded"),
         ("llama", len(ADAPTERS), "merged"),
+        ("llama", len(ADAPTERS), "fused"),
+        ("starcoder", len(ADAPTERS), "fused"),
     ],
     ids=[
         "starcoder-every-slot",
@@ -93,11 +95,16 @@ def test_llama_mixed_batch_every_slot_full(llama_server, model_sets):
         "starcoder-max-loras-1",
         "llama-expanded-only",
         "llama-merged-only",
+        "llama-fused-interpreted",
+        "starcoder-fused-interpreted",
     ],
 )
 def test_mixed_batch(arch, max_loras, execution, model_sets, tmp_path):
-    """The default policy (auto) and both fixed FLoRA execution forms give the oracle's answers."""
+    """The default policy (auto), both fixed torch forms, and the fused Triton kernel (the CUDA
+    path, here under Triton's interpreter inside the real server) give the oracle's answers."""
     env = {"FLORA_EXECUTION": execution}
+    if execution == "fused":
+        env["TRITON_INTERPRET"] = "1"
     with serve(model_sets[arch], max_loras, str(tmp_path / "server.log"), env=env) as server:
         run_mixed_batch(server, model_sets[arch])
 

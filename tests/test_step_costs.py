@@ -91,3 +91,61 @@ def test_lm_head_lora_runs_only_while_a_slot_has_lm_head_weights():
     assert get_logits(head, "h", lm_head) == "lora" and len(calls) == 1
     reset_lora(head, 1)
     assert get_logits(head, "h", lm_head) == ("plain", "embedding")
+
+
+class _Routed:
+    """A FLoRA layer stand-in that records which path each pass takes (no vLLM layer needed)."""
+
+    output_slices = (4,)
+
+    def __init__(self, flora_slots: set[int], counts: list[int] | None) -> None:
+        self._flora_slots = flora_slots
+        self._counts = counts  # None: step_counts must not be read
+        self.calls: list[str] = []
+        layer = self
+
+        class Method:
+            def apply(self, base_layer, x, bias):
+                layer.calls.append("base")
+                return x.new_zeros(x.shape[0], 4)
+
+        self.base_layer = type("Base", (), {"quant_method": Method()})()
+
+    def step_counts(self, n_tok: int) -> list[int]:
+        assert self._counts is not None, "read host-side counts inside a graph"
+        return self._counts
+
+    def _apply_fused(self, x2, bias):
+        self.calls.append("fused")
+        return x2.new_zeros(x2.shape[0], 4)
+
+    def _apply_torch(self, x2, bias, counts, present):
+        self.calls.append("torch")
+        return x2.new_zeros(x2.shape[0], 4)
+
+    def _apply_lora_to_output(self, x2, output):
+        self.calls.append("lora")
+        return output
+
+
+@pytest.mark.parametrize(
+    ("fused", "in_graph", "counts", "expected"),
+    [
+        (True, False, [3, 0, 0], ["base"]),  # no adapter token: vLLM's base GEMM, no LoRA op
+        (True, False, [1, 0, 2], ["base", "lora"]),  # LoRA tokens only: base + punica
+        (True, False, [1, 2, 0], ["fused"]),  # FLoRA tokens: the fused kernel
+        (True, False, [0, 1, 2], ["fused", "lora"]),  # both kinds
+        (True, True, None, ["fused", "lora"]),  # captured/traced: no host-side branch at all
+        (False, False, [3, 0, 0], ["base"]),
+        (False, False, [1, 2, 0], ["torch"]),
+    ],
+    ids=["plain", "lora-only", "flora", "mixed", "graph", "cpu-plain", "cpu-flora"],
+)
+def test_layer_routes_each_pass_to_its_work(monkeypatch, fused, in_graph, counts, expected):
+    from flora_vllm import layers
+
+    monkeypatch.setattr(layers, "_runs_fused", lambda x: fused)
+    monkeypatch.setattr(layers, "_in_graph", lambda x: in_graph)
+    layer = _Routed({0}, counts)  # slot 0 holds a FLoRA adapter, slot 1 a LoRA one
+    out = layers.FLoRALinearMixin.apply(layer, torch.zeros(3, 8))
+    assert layer.calls == expected and out.shape == (3, 4)

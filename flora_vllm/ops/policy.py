@@ -32,7 +32,7 @@ MakeGemm = Callable[[torch.Tensor], Gemm]
 
 logger = logging.getLogger("flora_vllm")
 
-EXECUTIONS = ("auto", "expanded", "merged")
+EXECUTIONS = ("auto", "expanded", "merged", "fused")  # fused: the Triton kernel (layers.py)
 _CAL_ROWS = (1, 4, 16, 64, 256, 1024)
 
 

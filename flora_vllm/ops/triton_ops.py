@@ -96,6 +96,17 @@ def pick_config(n_tok: int, n_out: int, max_rank: int, dtype: torch.dtype) -> Ke
     return KernelConfig(block_m, block_n, block_k, rank_chunk, num_warps=num_warps)
 
 
+def interpreter_config(n_tok: int, n_out: int, max_rank: int) -> KernelConfig:
+    """Large tiles for Triton's interpreter (CPU tensors): it pays per program and per op, not
+    per element, so 64 x 256 x 256 tiles run about 40x faster than the GPU tiles there."""
+    return KernelConfig(
+        block_m=min(64, max(16, _next_pow2(n_tok))),
+        block_n=min(256, max(16, _next_pow2(n_out))),
+        block_k=256,
+        rank_chunk=min(8, _next_pow2(max(max_rank, 1))),
+    )
+
+
 @functools.cache
 def _kernel():  # -> triton.JITFunction
     """The jitted kernel, built on first use: importing this module never imports triton."""
@@ -231,7 +242,8 @@ def flora_linear_triton(
         a_stacked: [S, R, in] input scalings A per slot (rows >= the slot's rank never read).
         b_stacked: [S, R, out] output scalings B^T per slot, `alpha / r` folded in.
         slot_ranks: [S] int rank per slot (may be a strided column); 0 = not FLoRA here.
-        config: tile sizes; default `pick_config` from the shapes.
+        config: tile sizes; default `pick_config` from the shapes (`interpreter_config` for
+            CPU tensors).
     Returns:
         [T, out] in x's dtype, accumulated in fp32.
     """
@@ -252,7 +264,12 @@ def flora_linear_triton(
     y = torch.empty(n_tok, n_out, dtype=x.dtype, device=x.device)  # [T, out]
     if n_tok == 0 or n_out == 0:
         return y
-    cfg = config or pick_config(n_tok, n_out, max_rank, x.dtype)
+    if config is not None:
+        cfg = config
+    elif x.device.type == "cpu":
+        cfg = interpreter_config(n_tok, n_out, max_rank)
+    else:
+        cfg = pick_config(n_tok, n_out, max_rank, x.dtype)
     grid = (_cdiv(n_tok, cfg.block_m), _cdiv(n_out, cfg.block_n))
     _kernel()[grid](
         x,
