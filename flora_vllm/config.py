@@ -28,6 +28,10 @@ class FLoRAConfig:
     """Directories adapters may be loaded from (resolved, symlinks followed); empty = anywhere.
     Env FLORA_ADAPTER_ROOTS, separated by `os.pathsep`; `flora-vllm serve --adapter-root DIR`."""
 
+    compile: bool = True
+    """Keep vLLM's compilation of the model on a CPU server with LoRA enabled (vLLM turns it off
+    there; the adapter layers run as opaque nodes instead). Env FLORA_COMPILE=0: vLLM's eager."""
+
     def __post_init__(self) -> None:
         problems = []
         if self.execution not in EXECUTIONS:
@@ -52,10 +56,14 @@ class FLoRAConfig:
         except ValueError as e:
             raise ValueError(f"FLORA_MERGE_CACHE_MB={raw!r} is not an integer") from e
         roots = os.environ.get("FLORA_ADAPTER_ROOTS", "")
+        flag = os.environ.get("FLORA_COMPILE", "1")
+        if flag not in ("0", "1"):
+            raise ValueError(f"FLORA_COMPILE={flag!r}; use 1 (compile, default) or 0 (eager)")
         return cls(
             os.environ.get("FLORA_EXECUTION", "auto"),
             cache_mb,
             tuple(os.path.realpath(r) for r in roots.split(os.pathsep) if r),
+            flag == "1",
         )
 
 

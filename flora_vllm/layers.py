@@ -25,6 +25,7 @@ from vllm.lora.layers import (
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
 from flora_vllm.config import get_config
+from flora_vllm.ops import opaque
 from flora_vllm.ops.policy import CostModel, MergedWeightCache, load_or_calibrate, plan_segments
 from flora_vllm.ops.torch_ops import Gemm, _add_bias, flora_linear_segments, merge_slot
 
@@ -70,10 +71,9 @@ def _runs_fused(x: torch.Tensor) -> bool:
 
 
 def _in_graph(x: torch.Tensor) -> bool:
-    """True while torch.compile traces or a CUDA graph captures: the pass must not branch on
-    host-side state (the per-step slot counts), since a replay would keep this pass's branch."""
-    if torch.compiler.is_compiling():
-        return True
+    """True while a CUDA graph captures: the pass must not branch on host-side state (the
+    per-step slot counts), since every replay would keep this pass's branch. (torch.compile
+    never traces `apply`: it sees one opaque node, see ops/opaque.py.)"""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
@@ -134,6 +134,7 @@ class FLoRALinearMixin:
         self._flora_rank_host = [[0] * len(self.output_slices) for _ in range(max_loras)]
         self._flora_version = [0] * max_loras
         self._slice_gemms = self._build_slice_gemms(weight)
+        self._opaque_key = opaque.register(self.apply, opaque.linear_fake(weight.shape[0]))
 
     def _build_slice_gemms(self, weight: torch.Tensor) -> list[Gemm]:
         """One GEMM per output slice (FLoRA scales each slice's input on its own). On the CPU a
@@ -200,9 +201,11 @@ class FLoRALinearMixin:
             self._flora_slots.add(index)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque node; its body runs this method eagerly
+            return opaque.call(self._opaque_key, x, bias)
         x2 = x.flatten(0, -2) if x.ndim == 3 else x  # [T, in]
         fused = _runs_fused(x2)
-        if fused and _in_graph(x2):  # captured or traced: no host-side branch, the kernel decides
+        if fused and _in_graph(x2):  # CUDA graph capture: no host-side branch, the kernel decides
             output = self._apply_lora_to_output(x2, self._apply_fused(x2, bias))
             return output.reshape(*x.shape[:-1], output.shape[-1])
         counts = self.step_counts(x2.shape[0])
@@ -361,6 +364,8 @@ class FiniteKVMixin:
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         output = super().apply(x, bias)  # type: ignore[misc]
+        if torch.compiler.is_compiling():  # the opaque node, whose body is this whole method
+            return output
         n_tok = output.numel() // output.shape[-1]
         if self.step_counts(n_tok)[0] == n_tok and not x.is_cuda:  # no adapter token: as base
             return output

@@ -115,6 +115,14 @@ HOOK_TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA._get_logits"),
     ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA.set_lora"),
     ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA.reset_lora"),
+    ("vllm.lora.layers.vocab_parallel_embedding", "VocabParallelEmbeddingWithLoRA.forward"),
+    (
+        "vllm.lora.layers.vocab_parallel_embedding",
+        "VocabParallelEmbeddingWithLoRA.create_lora_weights",
+    ),
+    ("vllm.lora.layers.vocab_parallel_embedding", "VocabParallelEmbeddingWithLoRA.set_lora"),
+    ("vllm.lora.layers.vocab_parallel_embedding", "VocabParallelEmbeddingWithLoRA.reset_lora"),
+    ("vllm.platforms.cpu", "CpuPlatform.check_and_update_config"),
 )
 
 _applied = False
@@ -557,8 +565,9 @@ def _wrap_update_metadata(orig: Callable) -> Callable:
     return update_metadata
 
 
-# `LogitsProcessorWithLoRA`: the lm_head LoRA runs only while some slot holds lm_head weights
-# (few adapters do); otherwise the plain logits, as on a server without LoRA.
+# `LogitsProcessorWithLoRA` / `VocabParallelEmbeddingWithLoRA`: the lm_head / embedding LoRA
+# runs only while some slot holds such weights (few adapters do); otherwise the plain layer, as
+# on a server without LoRA.
 
 
 def _weighted_slots(layer: Any) -> set[int]:
@@ -593,6 +602,65 @@ def _wrap_logits_get_logits(orig: Callable) -> Callable:
         return self.base_layer._get_logits(hidden_states, head, *args, **kwargs)
 
     return _get_logits
+
+
+def _wrap_embedding_create(orig: Callable) -> Callable:
+    """Register the embedding as an opaque layer once, eagerly (a registration while dynamo
+    traces would be a deferred side effect the fake implementation cannot see yet)."""
+    from flora_vllm.ops import opaque
+
+    @functools.wraps(orig)
+    def create_lora_weights(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = orig(self, *args, **kwargs)
+        dim, dtype = self.base_layer.embedding_dim, self.base_layer.weight.dtype
+        self._flora_key = opaque.register(
+            lambda ids, _: self.forward(ids),
+            lambda ids: torch.empty(*ids.shape, dim, dtype=dtype, device=ids.device),
+        )
+        return result
+
+    return create_lora_weights
+
+
+def _wrap_embedding_forward(orig: Callable) -> Callable:
+    from flora_vllm.ops import opaque
+
+    @functools.wraps(orig)
+    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque node: the branch below is per step
+            return opaque.call(self._flora_key, x)
+        if _weighted_slots(self):
+            return orig(self, x)
+        return self.base_layer.forward(x)
+
+    return forward
+
+
+# --- compilation ------------------------------------------------------------------------------
+
+
+def _wrap_cpu_check_config(orig: Callable) -> Callable:
+    """vLLM's CPU platform sets `CompilationMode.NONE` whenever a LoRA config exists, because
+    LoRA layers branch on per-step host state. With every adapter layer an opaque node
+    (ops/opaque.py) the rest of the model can be compiled as on a plain server: the platform
+    decides its compilation settings as if LoRA were off (FLORA_COMPILE=0: vLLM's choice)."""
+
+    def check_and_update_config(cls: Any, vllm_config: Any) -> None:
+        lora = vllm_config.lora_config
+        if lora is None or not get_config().compile:
+            return orig(vllm_config)
+        vllm_config.lora_config = None
+        try:
+            orig(vllm_config)
+        finally:
+            vllm_config.lora_config = lora
+        logger.info(
+            "flora_vllm: compilation kept with LoRA on the CPU (mode %s; adapter layers run as "
+            "opaque nodes; FLORA_COMPILE=0 turns it off)",
+            vllm_config.compilation_config.mode,
+        )
+
+    return classmethod(check_and_update_config)
 
 
 # --- prefix cache -----------------------------------------------------------------------------
@@ -993,6 +1061,12 @@ def apply_hooks() -> None:
     _patch(logits, "LogitsProcessorWithLoRA.set_lora", _wrap_logits_set_lora)
     _patch(logits, "LogitsProcessorWithLoRA.reset_lora", _wrap_logits_reset_lora)
     _patch(logits, "LogitsProcessorWithLoRA._get_logits", _wrap_logits_get_logits)
+    embed = "vllm.lora.layers.vocab_parallel_embedding"
+    _patch(embed, "VocabParallelEmbeddingWithLoRA.set_lora", _wrap_logits_set_lora)
+    _patch(embed, "VocabParallelEmbeddingWithLoRA.reset_lora", _wrap_logits_reset_lora)
+    _patch(embed, "VocabParallelEmbeddingWithLoRA.forward", _wrap_embedding_forward)
+    _patch(embed, "VocabParallelEmbeddingWithLoRA.create_lora_weights", _wrap_embedding_create)
+    _patch("vllm.platforms.cpu", "CpuPlatform.check_and_update_config", _wrap_cpu_check_config)
     core = "vllm.v1.engine.core"
     _patch(core, "EngineCore.add_request", _wrap_core_add_request)
     _patch(core, "EngineCore.add_lora", _wrap_core_add_lora)
