@@ -75,7 +75,20 @@ def run_mixed_batch(server: ServerProcess, paths: dict[str, str]) -> dict[str, f
 
 
 def test_llama_mixed_batch_every_slot_full(llama_server, model_sets):
+    """Also: the model ran compiled, with the adapter layers as opaque nodes (FLORA_COMPILE)."""
     run_mixed_batch(llama_server, model_sets["llama"])
+    with open(llama_server.log_path) as f:
+        log = f.read()
+    assert "compilation kept with LoRA" in log and "Warming up model for the compilation" in log
+
+
+def test_llama_mixed_batch_eager(model_sets, tmp_path):
+    """vLLM's own choice with LoRA on the CPU (no compilation) stays correct: FLORA_COMPILE=0."""
+    env = {"FLORA_COMPILE": "0"}
+    with serve(model_sets["llama"], 2, str(tmp_path / "server.log"), env=env) as server:
+        run_mixed_batch(server, model_sets["llama"])
+        with open(server.log_path) as f:
+            assert "Warming up model for the compilation" not in f.read()
 
 
 @pytest.mark.parametrize(
