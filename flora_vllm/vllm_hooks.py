@@ -76,6 +76,7 @@ from flora_vllm.adapter import (
 )
 from flora_vllm.config import get_config
 from flora_vllm.lifecycle import ADAPTERS
+from flora_vllm.ops.torch_ops import factor_dtype
 
 logger = logging.getLogger("flora_vllm")
 
@@ -223,8 +224,9 @@ def _load_flora(worker_manager: Any, lora_request: Any, lora_path: str) -> Any:
         lora_path,
         shapes,
         max_rank=worker_manager.lora_config.max_lora_rank,
-        dtype=dtype,
+        dtype=factor_dtype(dtype),  # fp32 for a bf16 model: see ops.torch_ops.factor_dtype
         map_name=map_name,
+        serve_dtype=dtype,
     )
     flora: dict[str, tuple[list, list]] = {}
     for sub, w in weights.items():

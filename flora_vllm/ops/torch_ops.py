@@ -20,6 +20,13 @@ Gemm = Callable[[torch.Tensor], torch.Tensor]
 """x [m, in] -> x W^T [m, out] for one fixed weight W (e.g. vLLM's packed CPU GEMM)."""
 
 
+def factor_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype FLoRA factors are kept and applied in: float32 for 16-bit models. In bf16,
+    numbers near 1 are 2^-7 apart, so a trained change of a few tenths of a percent in a factor
+    would round away; kept in fp32, each product rounds once, as a merged weight does."""
+    return torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
+
+
 def linear_gemm(weight: torch.Tensor) -> Gemm:
     """The plain `F.linear` GEMM of a weight (the default; any device)."""
     return lambda x: torch.nn.functional.linear(x, weight)
@@ -75,7 +82,9 @@ def flora_linear(
         slot_ranks: [S] int64 rank per slot; 0 = this slot is not FLoRA for this weight.
         gemm: how to multiply rows by W0 (default `F.linear`); same answer, maybe faster.
     Returns:
-        [T, out]. Work follows each adapter's own rank, not the padded R.
+        [T, out] in x's dtype. Work follows each adapter's own rank, not the padded R. Factors
+        may be wider than x (fp32 for a bf16 model): each scaled row rounds once to x's dtype
+        for the matmul, and rank rows are summed in the factors' dtype, rounded once.
     """
     gemm = gemm or linear_gemm(weight)
     safe = token_slots.clamp(min=0)
@@ -85,8 +94,8 @@ def flora_linear(
         return _add_bias(gemm(x), bias)
     if max_rank == 1:  # rank-1 tokens only: scale rows in place of expanding them
         is_flora = (tok_rank > 0).unsqueeze(1)  # [T, 1]
-        y = gemm(torch.where(is_flora, x * a_stacked[safe, 0], x))  # [T, out]
-        return _add_bias(torch.where(is_flora, y * b_stacked[safe, 0], y), bias)
+        y = gemm(torch.where(is_flora, x * a_stacked[safe, 0], x).to(x.dtype))  # [T, out]
+        return _add_bias(torch.where(is_flora, y * b_stacked[safe, 0], y).to(x.dtype), bias)
 
     row_token, row_k, row_is_flora = _rows_of(tok_rank)
     flora_rows = row_is_flora.nonzero().squeeze(1)  # [F]
@@ -95,11 +104,12 @@ def flora_linear(
 
     rows_x = x[row_token]  # [R, in]
     rows_x[flora_rows] *= a_stacked[flora_slot, flora_k]  # input scaling a_k ∘ x
-    rows_y = gemm(rows_x)  # [R, out]: the one shared matmul
+    acc = torch.promote_types(x.dtype, b_stacked.dtype)  # fp32 for a bf16 model, fp32 factors
+    rows_y = gemm(rows_x).to(acc)  # [R, out]: the one shared matmul
     rows_y[flora_rows] *= b_stacked[flora_slot, flora_k]  # output scaling b_k ∘ (.)
-    y = torch.zeros(x.shape[0], rows_y.shape[1], dtype=rows_y.dtype, device=rows_y.device)
+    y = torch.zeros(x.shape[0], rows_y.shape[1], dtype=acc, device=rows_y.device)
     y.index_add_(0, row_token, rows_y)  # Σ over each token's rank rows
-    return _add_bias(y, bias)
+    return _add_bias(y.to(x.dtype), bias)
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -118,8 +128,10 @@ def dense_flora_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -
 def merge_slot(
     weight: torch.Tensor, a_stacked: torch.Tensor, b_stacked: torch.Tensor, slot: int, rank: int
 ) -> torch.Tensor:
-    """W0 ∘ (B^T A) for one slot of the stacks: [out, in], the adapter's own merged weight."""
-    return dense_flora_weight(weight, a_stacked[slot, :rank], b_stacked[slot, :rank].T)
+    """W0 ∘ (B^T A) for one slot of the stacks: [out, in] in W0's dtype (rounded once), the
+    adapter's own merged weight."""
+    merged = dense_flora_weight(weight, a_stacked[slot, :rank], b_stacked[slot, :rank].T)
+    return merged.to(weight.dtype)
 
 
 def flora_linear_segments(
