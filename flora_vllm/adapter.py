@@ -182,43 +182,31 @@ def load_adapter(
     if not os.path.isfile(weights_path):
         problems.append(f"missing weights file {WEIGHTS_NAME}")
         raise FLoRAAdapterError(adapter_dir, problems)
-    # The header is read first: a tensor larger than any factor this model can take is never
-    # read (a crafted header could otherwise make the server allocate terabytes).
+    # The header is read first: a tensor is read only once its name is a factor of a targeted
+    # module of this model and its size fits one; stray or oversized tensors never are (a
+    # crafted header could otherwise make the server allocate terabytes, or read every stray
+    # tensor before refusing the file).
     largest = cfg.r * max((max(shape) for shape in module_shapes.values()), default=0)
-    tensors: dict[str, torch.Tensor] = {}
+    found: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(weights_path, framework="pt") as f:
-            for k in f.keys():
-                shape = f.get_slice(k).get_shape()
+            for key in f.keys():
+                where = _factor_of(key, cfg, module_shapes, map_name)
+                if isinstance(where, str):
+                    problems.append(where)
+                    continue
+                shape = f.get_slice(key).get_shape()
                 if math.prod(shape) > largest:
                     problems.append(
-                        f"tensor {k!r} has shape {list(shape)}, larger than any factor of this "
+                        f"tensor {key!r} has shape {list(shape)}, larger than any factor of this "
                         f"model at r={cfg.r}; not read"
                     )
-                else:
-                    tensors[k] = f.get_tensor(k)
+                    continue
+                path, ab = where
+                found.setdefault(path, {})[ab] = f.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         problems.append(f"{WEIGHTS_NAME} is not a readable safetensors file: {e}")
         raise FLoRAAdapterError(adapter_dir, problems) from e
-
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = _KEY_RE.match(key)
-        if m is None:
-            problems.append(
-                f"unexpected tensor {key!r}: names must be "
-                "base_model.model.<module path>.flora_A.weight / .flora_B.weight"
-            )
-            continue
-        path, ab = m["path"], m["ab"]
-        path = (map_name(path) if map_name else path) or m["path"]
-        if path not in module_shapes:
-            problems.append(f"module {path!r} is not an adaptable linear module of this model")
-            continue
-        if path.rsplit(".", 1)[-1] not in cfg.target_modules:
-            problems.append(f"module {path!r} has weights but is not in target_modules")
-            continue
-        found.setdefault(path, {})[ab] = t
 
     result: dict[str, FLoRAModuleWeights] = {}
     for path, (out_f, in_f) in module_shapes.items():
@@ -259,6 +247,28 @@ def load_adapter(
     if problems:
         raise FLoRAAdapterError(adapter_dir, problems)
     return cfg, result
+
+
+def _factor_of(
+    key: str,
+    cfg: FLoRAAdapterConfig,
+    module_shapes: Mapping[str, tuple[int, int]],
+    map_name: Callable[[str], str | None] | None,
+) -> tuple[str, str] | str:
+    """(module path, "A" or "B") of a tensor name from the header, or why it is not a factor
+    this adapter may carry."""
+    m = _KEY_RE.match(key)
+    if m is None:
+        return (
+            f"unexpected tensor {key!r}: names must be "
+            "base_model.model.<module path>.flora_A.weight / .flora_B.weight"
+        )
+    path = (map_name(m["path"]) if map_name else m["path"]) or m["path"]
+    if path not in module_shapes:
+        return f"module {path!r} is not an adaptable linear module of this model"
+    if path.rsplit(".", 1)[-1] not in cfg.target_modules:
+        return f"module {path!r} has weights but is not in target_modules"
+    return path, m["ab"]
 
 
 def _overflow(w: FLoRAModuleWeights, dtype: torch.dtype) -> str | None:

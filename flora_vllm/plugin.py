@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 GPT_BIGCODE = "GPTBigCodeForCausalLM"
 
@@ -19,13 +20,28 @@ def _log_like_vllm() -> None:
 
 
 def register() -> None:
-    """Install the FLoRA hooks and the native StarCoder (GPTBigCode) model; idempotent."""
+    """Install the FLoRA hooks and the native StarCoder (GPTBigCode) model; idempotent.
+
+    The plugin loads in every vLLM process of the environment, FLoRA wanted or not, so it must
+    never stop vLLM from starting: with FLORA_DISABLE=1, or a vLLM other than the pinned one,
+    it logs why and leaves vLLM untouched (stock vLLM then refuses FLoRA folders loudly).
+    `flora-vllm serve` checks the version itself and refuses to start on a mismatch."""
     from vllm import ModelRegistry
 
     from flora_vllm.config import get_config
-    from flora_vllm.vllm_hooks import apply_hooks
+    from flora_vllm.vllm_hooks import apply_hooks, vllm_problems
 
     _log_like_vllm()
+    log = logging.getLogger("flora_vllm")
+    if os.environ.get("FLORA_DISABLE") == "1":
+        log.warning("flora_vllm: FLORA_DISABLE=1, the plugin is off (vLLM runs unchanged)")
+        return
+    if problems := vllm_problems():
+        log.error(
+            "flora_vllm is OFF, vLLM runs unchanged (FLoRA adapters will be refused):\n  - %s",
+            "\n  - ".join(problems),
+        )
+        return
     get_config()  # a bad FLORA_* setting fails here, at start-up, in every process
     apply_hooks()
     # Stock 0.29 runs GPTBigCode through its Transformers backend, where no LoRA layer wraps

@@ -138,8 +138,8 @@ def _resolve(module: str, dotted: str) -> tuple[Any, str, Any]:
     return owner, attr, getattr(owner, attr)
 
 
-def check_vllm() -> None:
-    """Fail loudly unless the installed vLLM is the pinned release with every hook target."""
+def vllm_problems() -> list[str]:
+    """Why the installed vLLM cannot take the hooks (empty: the pinned release, every target)."""
     import vllm
 
     problems = []
@@ -153,7 +153,12 @@ def check_vllm() -> None:
             _resolve(module, attr)
         except (ImportError, AttributeError) as e:
             problems.append(f"hook target {module}.{attr} is missing ({e})")
-    if problems:
+    return problems
+
+
+def check_vllm() -> None:
+    """Fail loudly unless the installed vLLM is the pinned release with every hook target."""
+    if problems := vllm_problems():
         raise RuntimeError("flora_vllm cannot hook into vLLM:\n  - " + "\n  - ".join(problems))
 
 

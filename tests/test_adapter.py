@@ -100,3 +100,51 @@ def test_a_header_claiming_a_huge_tensor_is_refused_unread(tmp_path):
         f.truncate(8 + len(header) + 4 * n * n)  # sparse: no disk space used
     with pytest.raises(FLoRAAdapterError, match=r"larger than any factor .* not read"):
         load_adapter(str(tmp_path), SHAPES, max_rank=8)
+
+
+def test_stray_tensors_are_refused_from_the_header_unread(tmp_path, monkeypatch):
+    """A file with many stray tensors is refused by name before any stray one is read."""
+    from safetensors.torch import load_file, save_file
+
+    from flora_vllm import adapter
+
+    save_adapter(str(tmp_path), _factors(1), r=1)
+    path = tmp_path / adapter.WEIGHTS_NAME
+    tensors = load_file(str(path))
+    stray = {f"base_model.model.junk.{i}.weight": torch.zeros(4) for i in range(200)}
+    stray["base_model.model.m.layers.0.k_proj.flora_A.weight"] = torch.ones(1, 4)  # not adaptable
+    save_file({**tensors, **stray}, str(path))
+    read: list[str] = []
+    real_open = adapter.safe_open
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            inner = self.handle.__enter__()
+            outer = self
+
+            class View:
+                def keys(self):
+                    return inner.keys()
+
+                def get_slice(self, k):
+                    return inner.get_slice(k)
+
+                def get_tensor(self, k):
+                    read.append(k)
+                    return inner.get_tensor(k)
+
+            outer.view = View()
+            return outer.view
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(adapter, "safe_open", Counting)
+    with pytest.raises(FLoRAAdapterError) as e:
+        load_adapter(str(tmp_path), SHAPES, max_rank=8)
+    assert "unexpected tensor 'base_model.model.junk.0.weight'" in str(e.value)
+    assert "'m.layers.0.k_proj' is not an adaptable linear module" in str(e.value)
+    assert sorted(read) == sorted(tensors), "a stray tensor was read"

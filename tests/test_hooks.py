@@ -88,3 +88,67 @@ def test_cpu_lora_ops_survive_prompt_logprobs_rows():
     several = torch.full((7, 3), 5.0)
     masked(x, lora_a, several, torch.tensor([0, 1]), 1.0)
     torch.testing.assert_close(several, torch.full((7, 3), 5.0))
+
+
+class _Records(list):
+    """Log records of the flora_vllm logger (it may not propagate to the root logger)."""
+
+    def __enter__(self):
+        import logging
+
+        self.handler = logging.Handler()
+        self.handler.emit = self.append
+        logging.getLogger("flora_vllm").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("flora_vllm").removeHandler(self.handler)
+
+
+def _no_hooks(monkeypatch):
+    def forbidden():
+        raise AssertionError("the plugin changed vLLM")
+
+    monkeypatch.setattr(vllm_hooks, "apply_hooks", forbidden)
+
+
+def test_plugin_leaves_another_vllm_untouched(monkeypatch):
+    """Installed next to any other vLLM, the plugin must not stop vLLM servers from starting."""
+    import vllm
+
+    from flora_vllm import plugin
+
+    monkeypatch.setattr(vllm, "__version__", "0.30.1")
+    monkeypatch.delenv("FLORA_DISABLE", raising=False)
+    _no_hooks(monkeypatch)
+    with _Records() as records:
+        plugin.register()  # no exception
+    errors = [r.getMessage() for r in records if r.levelname == "ERROR"]
+    assert errors and "0.29.0" in errors[0] and "0.30.1" in errors[0], errors
+
+
+def test_flora_disable_switches_the_plugin_off(monkeypatch):
+    from flora_vllm import plugin
+
+    monkeypatch.setenv("FLORA_DISABLE", "1")
+    _no_hooks(monkeypatch)
+    with _Records() as records:
+        plugin.register()
+    assert any("FLORA_DISABLE=1" in r.getMessage() for r in records)
+
+
+def test_flora_vllm_serve_refuses_another_vllm(monkeypatch):
+    """Who asked for FLoRA explicitly gets the loud failure, before vLLM starts."""
+    import os
+
+    import vllm
+
+    from flora_vllm import server
+
+    monkeypatch.setattr(vllm, "__version__", "0.30.1")
+    monkeypatch.delenv("FLORA_DISABLE", raising=False)
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("vLLM was started"))
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.29\.0, found 0\.30\.1"):
+        server.exec_server(["--model", "m"])
