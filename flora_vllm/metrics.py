@@ -78,13 +78,15 @@ def record_finished(
 
 
 def set_live_state(
-    in_flight: dict[tuple[str, str], int],
+    in_flight: dict[tuple[str, str], int] | None,
     residency: Iterable[tuple[str, str, str | None]] | None,
 ) -> None:
-    """Replace the scrape-time gauges: in-flight counts per (adapter, type) and, unless None
-    (engine did not answer), (adapter, type, location or None) for every served adapter."""
-    IN_FLIGHT.clear()
-    for labels, n in in_flight.items():
+    """Replace the scrape-time gauges: in-flight counts per (adapter, type) and (adapter, type,
+    location or None) for every served adapter; None leaves that family as it was (unreadable
+    this scrape)."""
+    if in_flight is not None:
+        IN_FLIGHT.clear()
+    for labels, n in (in_flight or {}).items():
         IN_FLIGHT.labels(*labels).set(n)
     if residency is None:
         return

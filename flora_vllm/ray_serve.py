@@ -520,6 +520,9 @@ class FloraIngress(OpenAiIngress):
 # --- routing -------------------------------------------------------------------------------------
 
 
+RECENT_MAX = 4096  # adapter names the router remembers between replica reports
+
+
 class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     """Adapter requests go to a replica holding the adapter unless it is overloaded; the rest,
     and base requests, to the least-loaded replica (fewest adapters on ties)."""
@@ -529,7 +532,11 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         # Replicas report their adapters every 0.1 s through the controller; until the report
         # arrives, remember where we just sent an adapter so its next requests follow it.
         self._sticky_s = sticky_s
-        self._recent: dict[str, tuple[ReplicaID, float]] = {}
+        # Oldest first; entries older than sticky_s are useless and pruned as new ones come, and
+        # never more than RECENT_MAX are kept (clients choose the names: `base:<anything>`).
+        self._recent: collections.OrderedDict[str, tuple[ReplicaID, float]] = (
+            collections.OrderedDict()
+        )
 
     async def _queue_lens(self, replicas: list[RunningReplica]) -> dict[ReplicaID, float]:
         lens: dict[ReplicaID, float] = {}
@@ -593,11 +600,19 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     ) -> None:
         model_id = pending_request.metadata.multiplexed_model_id
         if model_id:
-            self._recent[model_id] = (replica_id, time.monotonic())
+            now = time.monotonic()
+            self._recent[model_id] = (replica_id, now)
+            self._recent.move_to_end(model_id)
+            while self._recent:
+                _, (_, at) = next(iter(self._recent.items()))
+                if now - at < self._sticky_s and len(self._recent) <= RECENT_MAX:
+                    break
+                self._recent.popitem(last=False)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self._recent = {m: v for m, v in self._recent.items() if v[0] != replica_id}
+        for m in [m for m, v in self._recent.items() if v[0] == replica_id]:
+            del self._recent[m]
 
 
 # --- the application -----------------------------------------------------------------------------

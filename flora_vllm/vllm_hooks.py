@@ -963,9 +963,16 @@ def worker_lora_residency(worker: Any) -> list[tuple[int, str]]:
 async def refresh_live_gauges(engine: Any, models: Any) -> None:
     """Set the scrape-time gauges (requests in flight, residency) from vLLM's engine client and
     its OpenAI model registry (the API server's, or a Ray Serve replica's)."""
-    in_flight = collections.Counter(
-        _adapter_labels(s.lora_request) for s in engine.output_processor.request_states.values()
-    )
+    in_flight = None
+    try:
+        in_flight = dict(
+            collections.Counter(
+                _adapter_labels(s.lora_request)
+                for s in list(engine.output_processor.request_states.values())
+            )
+        )
+    except Exception as e:  # an engine client without these internals: the rest of /metrics
+        _warn_once("in-flight", f"flora_vllm: adapter in-flight gauge unavailable: {e!r}")
     residency = None
     try:
         where: dict[int, str] = {}
@@ -977,8 +984,18 @@ async def refresh_live_gauges(engine: Any, models: Any) -> None:
             (*_adapter_labels(r), where.get(r.lora_int_id)) for r in models.lora_requests.values()
         ]
     except Exception as e:  # no LoRA, engine busy or dead: serve the rest of /metrics
-        logger.warning("flora_vllm: adapter residency unavailable: %s", e)
-    metrics.set_live_state(dict(in_flight), residency)
+        _warn_once("residency", f"flora_vllm: adapter residency unavailable: {e!r}")
+    metrics.set_live_state(in_flight, residency)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(what: str, message: str) -> None:
+    """One log line per kind of gauge failure per process (a scraper polls every few seconds)."""
+    if what not in _warned:
+        _warned.add(what)
+        logger.warning("%s (logged once)", message)
 
 
 class LiveGaugesMiddleware:

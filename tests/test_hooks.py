@@ -152,3 +152,30 @@ def test_flora_vllm_serve_refuses_another_vllm(monkeypatch):
     monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("vLLM was started"))
     with pytest.raises(RuntimeError, match=r"supports vLLM 0\.29\.0, found 0\.30\.1"):
         server.exec_server(["--model", "m"])
+
+
+def test_metrics_scrape_survives_unreadable_gauges(monkeypatch):
+    """A live gauge that cannot be read this scrape leaves /metrics serving the rest, logged
+    once per kind, not a 500 per scrape."""
+    import asyncio
+
+    from flora_vllm import metrics
+
+    class BrokenEngine:
+        @property
+        def output_processor(self):
+            raise RuntimeError("engine client without an output processor")
+
+        async def collective_rpc(self, *args, **kwargs):
+            raise TimeoutError("engine busy")
+
+    metrics.set_live_state({("a", "flora"): 2}, [("a", "flora", "device")])
+    monkeypatch.setattr(vllm_hooks, "_warned", set())
+    models = type("Models", (), {"lora_requests": {}})()
+    with _Records() as records:
+        for _ in range(3):  # three scrapes
+            asyncio.run(vllm_hooks.refresh_live_gauges(BrokenEngine(), models))
+    warnings = [r.getMessage() for r in records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings  # in-flight once, residency once
+    text = metrics.render({"": metrics.snapshot()})
+    assert 'adapter="a"' in text  # the gauges read last time are still served

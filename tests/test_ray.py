@@ -412,3 +412,28 @@ def test_router_trusts_reports_over_where_it_last_sent_an_adapter() -> None:
         SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id="base:y")), "A", None
     )
     assert _pick(router, "base:y") == [["B"], ["A", "B"]]  # A evicted it since; B reports it
+
+
+def test_router_memory_of_recent_adapters_is_bounded(monkeypatch) -> None:
+    """10,000 client-chosen names (`base:<anything>` reaches the router as it is): the router
+    keeps only recent ones (sticky window) and never more than RECENT_MAX."""
+    from types import SimpleNamespace
+
+    from flora_vllm import ray_serve
+
+    router = ray_serve.AdapterAffinityRouter.__new__(ray_serve.AdapterAffinityRouter)
+    router.initialize_state(sticky_s=5.0)
+    clock = [0.0]
+    monkeypatch.setattr(ray_serve.time, "monotonic", lambda: clock[0])
+
+    def route(name: str, replica: str = "r1") -> None:
+        meta = SimpleNamespace(multiplexed_model_id=name)
+        router.on_request_routed(SimpleNamespace(metadata=meta), replica, None)
+
+    for i in range(10_000):  # all within one sticky window
+        route(f"base:unknown-{i}")
+    assert len(router._recent) == ray_serve.RECENT_MAX
+    assert "base:unknown-9999" in router._recent and "base:unknown-0" not in router._recent
+    clock[0] = 6.0  # past the window: the next insert prunes every stale entry
+    route("flora-r1")
+    assert list(router._recent) == ["flora-r1"]
