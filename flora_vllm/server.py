@@ -29,8 +29,8 @@ CPU_DEFAULT_FLAGS: dict[str, str | None] = {
 }
 DEFAULT_ENV: dict[str, str] = {
     "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache on the CPU backend
-    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",  # /v1/load_lora_adapter, /v1/unload_lora_adapter
 }
+RUNTIME_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # /v1/load_lora_adapter, /v1/unload_lora_adapter
 
 
 def _has_cuda() -> bool:
@@ -57,15 +57,19 @@ def server_argv(user_args: Sequence[str], on_cpu: bool | None = None) -> list[st
 
 
 ADAPTER_ROOT_FLAG = "--adapter-root"  # ours, not vLLM's: becomes FLORA_ADAPTER_ROOTS
+RUNTIME_FLAG = "--allow-runtime-adapters"  # ours: runtime loading without a key or roots
 
 
 def split_flora_flags(user_args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """Take our own flags out of a server command line: (vLLM args, env settings for them).
-    `--adapter-root DIR` (repeatable) sets FLORA_ADAPTER_ROOTS, read by every vLLM process."""
-    args, roots = [], []
+    `--adapter-root DIR` (repeatable) sets FLORA_ADAPTER_ROOTS, read by every vLLM process;
+    `--allow-runtime-adapters` sets VLLM_ALLOW_RUNTIME_LORA_UPDATING=1."""
+    args, roots, env = [], [], {}
     it = iter(user_args)
     for a in it:
-        if a == ADAPTER_ROOT_FLAG:
+        if a == RUNTIME_FLAG:
+            env[RUNTIME_ENV] = "1"
+        elif a == ADAPTER_ROOT_FLAG:
             value = next(it, None)
             if value is None or value.startswith("--"):
                 raise ValueError(f"{ADAPTER_ROOT_FLAG} needs a directory")
@@ -74,8 +78,34 @@ def split_flora_flags(user_args: Sequence[str]) -> tuple[list[str], dict[str, st
             roots.append(a.split("=", 1)[1])
         else:
             args.append(a)
-    env = {"FLORA_ADAPTER_ROOTS": os.pathsep.join(os.path.abspath(r) for r in roots)}
-    return args, env if roots else {}
+    if roots:
+        env["FLORA_ADAPTER_ROOTS"] = os.pathsep.join(os.path.abspath(r) for r in roots)
+    return args, env
+
+
+def runtime_loading(args: Sequence[str], env: Mapping[str, str]) -> tuple[dict[str, str], str]:
+    """Whether /v1/load_lora_adapter and /v1/unload_lora_adapter are on, and why, as (env to
+    add, start-up message). Runtime loading lets whoever reaches the port make the server read
+    a folder, so it is on by default only behind an API key or allowed roots."""
+    if RUNTIME_ENV in env:
+        value = env[RUNTIME_ENV]
+        state = "OFF" if value in ("", "0", "false", "False") else "ON"
+        return {}, f"runtime adapter loading {state}: {RUNTIME_ENV}={value}"
+    reasons = []
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in args) or env.get("VLLM_API_KEY"):
+        reasons.append("--api-key")
+    if env.get("FLORA_ADAPTER_ROOTS"):
+        reasons.append("--adapter-root")
+    if reasons:
+        return {RUNTIME_ENV: "1"}, (
+            "runtime adapter loading ON (/v1/load_lora_adapter, /v1/unload_lora_adapter): "
+            + " and ".join(reasons)
+        )
+    return {}, (
+        "runtime adapter loading OFF: with neither --api-key nor --adapter-root anyone who "
+        "reaches the port could make the server read any folder; give one of them (or "
+        f"{RUNTIME_FLAG}) to turn /v1/load_lora_adapter on"
+    )
 
 
 def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -93,9 +123,12 @@ def exec_server(user_args: Sequence[str]) -> None:
 
     if os.environ.get("FLORA_DISABLE") != "1":
         check_vllm()
-    args, env = split_flora_flags(user_args)
+    args, flora_env = split_flora_flags(user_args)
+    env = server_env({**os.environ, **flora_env})
+    runtime_env, message = runtime_loading(args, env)
+    print(f"flora-vllm serve: {message}", file=sys.stderr, flush=True)
     argv = [sys.executable, "-m", API_SERVER_MODULE, *server_argv(args)]
-    os.execve(sys.executable, argv, server_env({**os.environ, **env}))
+    os.execve(sys.executable, argv, {**env, **runtime_env})
 
 
 def free_port() -> int:
@@ -136,6 +169,7 @@ class ServerProcess:
             *server_argv(args),
         ]
         env = server_env({**os.environ, **self.env, **roots_env})
+        env.update(runtime_loading(args, env)[0])  # as `flora-vllm serve` decides
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -124,6 +124,7 @@ HOOK_TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.lora.layers.vocab_parallel_embedding", "VocabParallelEmbeddingWithLoRA.set_lora"),
     ("vllm.lora.layers.vocab_parallel_embedding", "VocabParallelEmbeddingWithLoRA.reset_lora"),
     ("vllm.platforms.cpu", "CpuPlatform.check_and_update_config"),
+    ("vllm.entrypoints.serve.middleware.authenticate", "AuthenticationMiddleware"),  # removed
 )
 
 _applied = False
@@ -1016,14 +1017,25 @@ class LiveGaugesMiddleware:
 
 
 def _wrap_init_middleware(orig: Callable) -> Callable:
+    from starlette.middleware.cors import CORSMiddleware
     from vllm import envs
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
     @functools.wraps(orig)
     def init_entrypoints_middleware(args: Any, app: Any, *rest: Any, **kwargs: Any) -> None:
         orig(args, app, *rest, **kwargs)
         app.add_middleware(LiveGaugesMiddleware)
         if tokens := [k for k in (args.api_key or [envs.VLLM_API_KEY]) if k]:
-            app.add_middleware(ApiKeyMiddleware, tokens=tokens)  # added last: runs first
+            # Ours checks every path but /health; vLLM's checks /v1 only: one check, not two.
+            app.user_middleware = [
+                m for m in app.user_middleware if m.cls is not AuthenticationMiddleware
+            ]
+            app.add_middleware(ApiKeyMiddleware, tokens=tokens)
+        # CORS outermost (index 0 runs first): every response, a 401 included, carries its
+        # headers, and a browser's preflight is answered before any key check (stock vLLM adds
+        # CORS first, i.e. innermost, so its own 401s had none).
+        cors = [m for m in app.user_middleware if m.cls is CORSMiddleware]
+        app.user_middleware = cors + [m for m in app.user_middleware if m.cls is not CORSMiddleware]
 
     return init_entrypoints_middleware
 

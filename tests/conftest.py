@@ -60,6 +60,7 @@ def serve(
         "32",
         "--seed",
         "0",
+        "--allow-runtime-adapters",  # the tests load and unload adapters without a key
         *lora_modules_args(adapters),
         *(extra or []),
     ]

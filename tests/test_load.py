@@ -95,6 +95,7 @@ def env(
         "--enable-prefix-caching",
         "--block-size", str(BLOCK),
         "--seed", "0",
+        "--allow-runtime-adapters",
         *lora_modules_args(startup),
     ]  # fmt: skip
     env = {"HF_HUB_OFFLINE": "1", HOLD_DIR_ENV: str(hold_dir)}

@@ -73,8 +73,10 @@ def test_api_key_guards_every_endpoint(guarded, model_sets):
     ]
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         for method, url, body in calls:
-            r = c.request(method, url, json=body, headers=headers)
+            r = c.request(method, url, json=body, headers={**headers, "Origin": "http://app"})
             assert r.status_code == 401, (method, url, headers, r.text)
+            # A browser client sees the 401, not a CORS failure (CORS runs outside the key).
+            assert r.headers.get("access-control-allow-origin") == "*", (url, r.headers)
     assert c.get("/health").status_code == 200
     served = [m["id"] for m in c.get("/v1/models", headers=AUTH).json()["data"]]
     assert "flora-r1" in served and "sneaky" not in served  # refused unload/load did nothing

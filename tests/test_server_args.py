@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from flora_vllm.server import server_argv, split_flora_flags
+from flora_vllm.server import runtime_loading, server_argv, split_flora_flags
 
 
 def test_defaults_fill_only_missing_flags():
@@ -30,3 +30,24 @@ def test_adapter_root_flag_becomes_env(tmp_path):
     assert split_flora_flags(["--x"]) == (["--x"], {})
     with pytest.raises(ValueError, match="needs a directory"):
         split_flora_flags(["--adapter-root"])
+
+
+def test_runtime_loading_only_behind_a_key_or_roots(tmp_path):
+    """Runtime loading lets whoever reaches the port make the server read a folder: off by
+    default, on with --api-key or --adapter-root or the explicit flag, and said why."""
+    env, message = runtime_loading(["--model", "m"], {})
+    assert env == {} and "OFF" in message and "--api-key" in message
+    for args, base in (
+        (["--api-key", "k"], {}),
+        (["--api-key=k"], {}),
+        ([], {"VLLM_API_KEY": "k"}),
+        ([], {"FLORA_ADAPTER_ROOTS": str(tmp_path)}),
+    ):
+        env, message = runtime_loading(args, base)
+        assert env == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"} and "ON" in message, (args, base)
+    args, env = split_flora_flags(["--allow-runtime-adapters", "--x"])
+    assert args == ["--x"] and env == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    assert runtime_loading([], env) == ({}, "runtime adapter loading ON: "
+                                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1")
+    assert runtime_loading([], {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "0"})[1].startswith(
+        "runtime adapter loading OFF")  # the user's own setting wins
