@@ -140,7 +140,9 @@ class FLoRALinearMixin:
         self._flora_rank_host = [[0] * len(self.output_slices) for _ in range(max_loras)]
         self._flora_version = [0] * max_loras
         self._slice_gemms = self._build_slice_gemms(weight)
-        self._opaque_key = opaque.register(self.apply, opaque.linear_fake(weight.shape[0]))
+        self._opaque_key = opaque.register(
+            f"linear:{self.base_layer.prefix}", self.apply, opaque.linear_fake(weight.shape[0])
+        )
 
     def _build_slice_gemms(self, weight: torch.Tensor) -> list[Gemm]:
         """One GEMM per output slice (FLoRA scales each slice's input on its own). On the CPU a

@@ -622,6 +622,7 @@ def _wrap_embedding_create(orig: Callable) -> Callable:
         result = orig(self, *args, **kwargs)
         dim, dtype = self.base_layer.embedding_dim, self.base_layer.weight.dtype
         self._flora_key = opaque.register(
+            f"embedding:{self.base_layer.num_embeddings}x{dim}",
             lambda ids, _: self.forward(ids),
             lambda ids: torch.empty(*ids.shape, dim, dtype=dtype, device=ids.device),
         )

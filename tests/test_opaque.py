@@ -17,7 +17,9 @@ class HostBranching(torch.nn.Module):
         super().__init__()
         self.double = True
         self.use_opaque = use_opaque
-        self.key = opaque.register(lambda x, _: self.eager(x), opaque.linear_fake(width))
+        self.key = opaque.register(
+            f"test:{use_opaque}", lambda x, _: self.eager(x), opaque.linear_fake(width)
+        )
 
     def eager(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2 if self.double else -x
@@ -57,7 +59,7 @@ def test_without_the_opaque_node_the_traced_branch_is_stale():
 
 def test_fake_gives_shape_and_dtype_for_tracing():
     torch._dynamo.reset()
-    key = opaque.register(lambda x, _: x[..., :3].clone(), opaque.linear_fake(3))
+    key = opaque.register("test:slice", lambda x, _: x[..., :3].clone(), opaque.linear_fake(3))
     fn = torch.compile(lambda x: opaque.call(key, x) * 2, fullgraph=True, backend="aot_eager")
     x = torch.randn(5, 7)
     assert torch.equal(fn(x), x[:, :3] * 2)

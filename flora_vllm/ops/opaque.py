@@ -17,15 +17,18 @@ import torch
 LayerFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 FakeFn = Callable[[torch.Tensor], torch.Tensor]
 
-# key -> (the layer's eager forward, its output's empty stand-in); keys are ints baked into graphs.
-_LAYERS: list[tuple[LayerFn, FakeFn]] = []
+# key -> (the layer's eager forward, its output's empty stand-in). Keys are baked into compiled
+# graphs, which vLLM caches on disk across processes and versions of this package: they are the
+# layers' module names, stable wherever the model is the same, never registration counters.
+_LAYERS: dict[str, tuple[LayerFn, FakeFn]] = {}
 
 
-def register(fn: LayerFn, fake: FakeFn) -> int:
-    """Key under which `eager_layer` calls `fn(x, bias)`; `fake(x)` gives an empty tensor of
-    the output's shape and dtype for tracing."""
-    _LAYERS.append((fn, fake))
-    return len(_LAYERS) - 1
+def register(key: str, fn: LayerFn, fake: FakeFn) -> str:
+    """Make `eager_layer(x, bias, key)` call `fn(x, bias)`; `fake(x)` gives an empty tensor of
+    the output's shape and dtype for tracing. A key registered again (the model rebuilt in
+    this process) now means the new layer."""
+    _LAYERS[key] = (fn, fake)
+    return key
 
 
 def linear_fake(out_features: int) -> FakeFn:
@@ -34,16 +37,16 @@ def linear_fake(out_features: int) -> FakeFn:
 
 
 @torch.library.custom_op("flora::eager_layer", mutates_args=())
-def eager_layer(x: torch.Tensor, bias: torch.Tensor | None, key: int) -> torch.Tensor:
+def eager_layer(x: torch.Tensor, bias: torch.Tensor | None, key: str) -> torch.Tensor:
     """Run registered layer `key` eagerly on x: [..., in] -> [..., out] (a fresh tensor)."""
     return _LAYERS[key][0](x, bias)
 
 
 @eager_layer.register_fake
-def _(x: torch.Tensor, bias: torch.Tensor | None, key: int) -> torch.Tensor:
+def _(x: torch.Tensor, bias: torch.Tensor | None, key: str) -> torch.Tensor:
     return _LAYERS[key][1](x)
 
 
-def call(key: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def call(key: str, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The opaque node for layer `key` (use while torch.compile traces)."""
     return torch.ops.flora.eager_layer(x, bias, key)
