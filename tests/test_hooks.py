@@ -96,15 +96,19 @@ class _Records(list):
     def __enter__(self):
         import logging
 
+        self.logger = logging.getLogger("flora_vllm")
+        self.saved = (self.logger.level, self.logger.disabled)
+        self.logger.setLevel(logging.DEBUG)  # whatever an earlier test's logging config left
+        self.logger.disabled = False
         self.handler = logging.Handler()
         self.handler.emit = self.append
-        logging.getLogger("flora_vllm").addHandler(self.handler)
+        self.logger.addHandler(self.handler)
         return self
 
     def __exit__(self, *exc):
-        import logging
-
-        logging.getLogger("flora_vllm").removeHandler(self.handler)
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.saved[0])
+        self.logger.disabled = self.saved[1]
 
 
 def _no_hooks(monkeypatch):
