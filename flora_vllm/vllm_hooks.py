@@ -582,7 +582,7 @@ def _weighted_slots(layer: Any) -> set[int]:
     return layer.__dict__.setdefault("_flora_weighted", set())
 
 
-def _wrap_logits_set_lora(orig: Callable) -> Callable:
+def _wrap_set_lora_weighted(orig: Callable) -> Callable:
     @functools.wraps(orig)
     def set_lora(self: Any, index: int, *args: Any, **kwargs: Any) -> Any:
         result = orig(self, index, *args, **kwargs)
@@ -592,7 +592,7 @@ def _wrap_logits_set_lora(orig: Callable) -> Callable:
     return set_lora
 
 
-def _wrap_logits_reset_lora(orig: Callable) -> Callable:
+def _wrap_reset_lora_weighted(orig: Callable) -> Callable:
     @functools.wraps(orig)
     def reset_lora(self: Any, index: int) -> Any:
         _weighted_slots(self).discard(index)
@@ -1095,12 +1095,12 @@ def apply_hooks() -> None:
     _patch(punica, "convert_mapping", lambda _: convert_mapping)
     _patch(punica, "PunicaWrapperBase.update_metadata", _wrap_update_metadata)
     logits = "vllm.lora.layers.logits_processor"
-    _patch(logits, "LogitsProcessorWithLoRA.set_lora", _wrap_logits_set_lora)
-    _patch(logits, "LogitsProcessorWithLoRA.reset_lora", _wrap_logits_reset_lora)
+    _patch(logits, "LogitsProcessorWithLoRA.set_lora", _wrap_set_lora_weighted)
+    _patch(logits, "LogitsProcessorWithLoRA.reset_lora", _wrap_reset_lora_weighted)
     _patch(logits, "LogitsProcessorWithLoRA._get_logits", _wrap_logits_get_logits)
     embed = "vllm.lora.layers.vocab_parallel_embedding"
-    _patch(embed, "VocabParallelEmbeddingWithLoRA.set_lora", _wrap_logits_set_lora)
-    _patch(embed, "VocabParallelEmbeddingWithLoRA.reset_lora", _wrap_logits_reset_lora)
+    _patch(embed, "VocabParallelEmbeddingWithLoRA.set_lora", _wrap_set_lora_weighted)
+    _patch(embed, "VocabParallelEmbeddingWithLoRA.reset_lora", _wrap_reset_lora_weighted)
     _patch(embed, "VocabParallelEmbeddingWithLoRA.forward", _wrap_embedding_forward)
     _patch(embed, "VocabParallelEmbeddingWithLoRA.create_lora_weights", _wrap_embedding_create)
     _patch("vllm.platforms.cpu", "CpuPlatform.check_and_update_config", _wrap_cpu_check_config)

@@ -81,8 +81,8 @@ def test_lm_head_lora_runs_only_while_a_slot_has_lm_head_weights():
             return ("plain", lm_head)
 
     calls = []
-    set_lora = vllm_hooks._wrap_logits_set_lora(Head.set_lora)
-    reset_lora = vllm_hooks._wrap_logits_reset_lora(Head.reset_lora)
+    set_lora = vllm_hooks._wrap_set_lora_weighted(Head.set_lora)
+    reset_lora = vllm_hooks._wrap_reset_lora_weighted(Head.reset_lora)
     Head.reset_lora = reset_lora
     get_logits = vllm_hooks._wrap_logits_get_logits(lambda *a: calls.append(a) or "lora")
     head, lm_head = Head(), type("Wrapped", (), {"base_layer": "embedding"})()
@@ -91,6 +91,40 @@ def test_lm_head_lora_runs_only_while_a_slot_has_lm_head_weights():
     assert get_logits(head, "h", lm_head) == "lora" and len(calls) == 1
     reset_lora(head, 1)
     assert get_logits(head, "h", lm_head) == ("plain", "embedding")
+
+
+def test_embedding_lora_runs_only_while_a_slot_has_embedding_weights():
+    """The plain embedding while no slot holds embedding weights; vLLM's LoRA embedding
+    otherwise; while dynamo traces, one opaque node (which runs this same routing eagerly)."""
+    from flora_vllm.ops import opaque
+
+    class Embedding:
+        base_layer = type("Base", (), {"forward": staticmethod(lambda ids: ("plain", ids))})
+
+        def set_lora(self, index, *weights):
+            pass
+
+        def reset_lora(self, index):
+            pass
+
+    calls = []
+    forward = vllm_hooks._wrap_embedding_forward(lambda self, ids: calls.append(ids) or "lora")
+    set_lora = vllm_hooks._wrap_set_lora_weighted(Embedding.set_lora)
+    reset_lora = vllm_hooks._wrap_reset_lora_weighted(Embedding.reset_lora)
+    emb = Embedding()
+    assert forward(emb, "ids") == ("plain", "ids") and not calls
+    set_lora(emb, 0, "a", "b")
+    assert forward(emb, "ids") == "lora" and calls == ["ids"]
+    reset_lora(emb, 0)
+    assert forward(emb, "ids") == ("plain", "ids")
+
+    emb._flora_key = "test:embedding"
+    seen = []
+    opaque.register(emb._flora_key, lambda ids, _: seen.append("eager") or ids.float(),
+                    lambda ids: torch.empty(*ids.shape, dtype=torch.float32))
+    ids = torch.tensor([1, 2])
+    fn = torch.compile(lambda t: forward(emb, t) * 2, fullgraph=True, backend="aot_eager")
+    assert torch.equal(fn(ids), ids.float() * 2) and seen == ["eager"]
 
 
 class _Routed:
