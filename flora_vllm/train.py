@@ -243,37 +243,69 @@ def save(
     return out_dir
 
 
-def load_texts(path: str) -> list[str]:
-    """Training examples: a .jsonl file's "text" fields, else one non-empty line per example."""
+Example = str | tuple[str, str]  # a text (loss on every token) or (prompt, completion)
+
+
+def load_texts(path: str) -> list[Example]:
+    """Training examples: per .jsonl line a "text", or a "prompt" + "completion" (loss on the
+    completion only); in any other file one non-empty line per example."""
     with open(path, encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f]
-    if path.endswith(".jsonl"):
-        texts = []
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f'{path}:{i}: expected a JSON object with a string "text"')
+    if not path.endswith(".jsonl"):
+        texts: list[Example] = [line for line in lines if line.strip()]
+        if not texts:
+            raise ValueError(f"{path} holds no training examples")
+        return texts
+    texts = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
             texts.append(row["text"])
-    else:
-        texts = [line for line in lines if line.strip()]
+        elif (
+            isinstance(row, dict)
+            and isinstance(row.get("prompt"), str)
+            and isinstance(row.get("completion"), str)
+        ):
+            texts.append((row["prompt"], row["completion"]))
+        else:
+            raise ValueError(
+                f'{path}:{i}: expected a JSON object with a string "text", or strings '
+                '"prompt" and "completion"'
+            )
     if not texts:
         raise ValueError(f"{path} holds no training examples")
     return texts
 
 
 def encode(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[Example], max_length: int
 ) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask, and labels with padding set to -100."""
+    """Right-padded input_ids / attention_mask, and labels with padding (and the prompt of a
+    (prompt, completion) example) set to -100.
+
+    A pair is tokenized as prompt + completion in one text, without added special tokens (a
+    chat-template prompt carries its own), so the tokens are those the server sees."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    pairs = [t for t in texts if isinstance(t, tuple)]
+    if pairs and len(pairs) != len(texts):
+        raise ValueError("a batch mixes plain texts and (prompt, completion) pairs")
+    whole = [t[0] + t[1] if isinstance(t, tuple) else t for t in texts]
     enc = tokenizer(
-        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        whole,
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+        **({"add_special_tokens": False} if pairs else {}),
     )
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    for i, (prompt, _) in enumerate(pairs):
+        n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        labels[i, :n] = -100
     return {
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
@@ -303,7 +335,7 @@ class TrainResult:
 def train(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
+    texts: Sequence[Example],
     adapter_ids: Sequence[int] | None = None,
     lr: float = DEFAULT_LR,
     epochs: int = 1,
@@ -315,12 +347,13 @@ def train(
     seed: int = 0,
     progress: bool = True,
 ) -> TrainResult:
-    """Train only the FLoRA factors with AdamW on the causal LM loss of `texts`.
+    """Train the model's trainable parameters (its adapter) with AdamW on the causal LM loss.
 
     Args:
-        model: a causal LM with FLoRA layers (`inject_flora`); nothing else is trained.
+        model: a frozen causal LM with an adapter: FLoRA layers (`inject_flora`) or a PEFT
+            model (`get_peft_model`); only parameters with requires_grad are trained.
         tokenizer: its tokenizer (eos is used as padding if it has no pad token).
-        texts: the training examples.
+        texts: the training examples: texts, or (prompt, completion) pairs.
         adapter_ids: the adapter of each text (mixed minibatches, per-example form); None
             trains each layer's active adapter on every text (merged form).
         max_steps: stop after this many optimizer steps (None: run every epoch).
@@ -329,18 +362,19 @@ def train(
 
     if adapter_ids is not None and len(adapter_ids) != len(texts):
         raise ValueError(f"{len(adapter_ids)} adapter ids for {len(texts)} texts")
-    params = [
-        p for layer in flora_layers(model).values() for p in layer.parameters() if p.requires_grad
-    ]
-    if not params:
-        raise ValueError("the model has no trainable FLoRA parameters: call inject_flora first")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or not (flora_layers(model) or hasattr(model, "peft_config")):
+        raise ValueError(
+            "the model has no adapter to train: call inject_flora (or PEFT's get_peft_model) "
+            "first; training would otherwise change the base weights"
+        )
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     per_epoch = math.ceil(len(texts) / batch_size)
     total = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
     result = TrainResult()
     model.train()
-    with tqdm(total=total, desc="FLoRA training", unit="step", disable=not progress) as bar:
+    with tqdm(total=total, desc="adapter training", unit="step", disable=not progress) as bar:
         for _ in range(epochs):
             order = torch.randperm(len(texts), generator=gen).tolist()
             for start in range(0, len(order), batch_size):
