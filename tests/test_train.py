@@ -295,3 +295,36 @@ def test_trained_adapter_served_by_vllm(tiny_llama, tmp_path):
     print(f"served vs training model: max |Δ logprob| = {worst:.3g} (vs base model {moved:.3g})")
     assert worst < 1e-3
     assert moved > 0.05, "the trained adapter should change the log-probs"
+
+
+def test_prompt_completion_examples_learn_only_the_completion(tiny_llama, tmp_path):
+    """A (prompt, completion) pair is one text whose prompt positions carry no loss; a JSONL
+    file gives such pairs; a model without an adapter is refused (it would train the base)."""
+    from flora_vllm.train import load_texts
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompt, completion = "def add(a, b):", "\n    return a + b\n"
+    batch = encode(tok, [(prompt, completion), ("for i", " in range(10):")], 64)
+    n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
+    whole = tok(prompt + completion, add_special_tokens=False).input_ids
+    assert batch["input_ids"][0, : len(whole)].tolist() == whole
+    labels = batch["labels"][0]
+    assert (labels[:n_prompt] == -100).all() and (labels[n_prompt : len(whole)] >= 0).all()
+    with pytest.raises(ValueError, match="mixes"):
+        encode(tok, ["plain text", (prompt, completion)], 64)
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "completion": completion}) + "\n"
+                    + json.dumps({"text": "plain"}) + "\n")
+    assert load_texts(str(path)) == [(prompt, completion), "plain"]
+    path.write_text(json.dumps({"prompt": prompt}) + "\n")
+    with pytest.raises(ValueError, match='"prompt" and "completion"'):
+        load_texts(str(path))
+
+    model = _load(tiny_llama)
+    with pytest.raises(ValueError, match="no adapter to train"):
+        train(model, tok, [(prompt, completion)], max_steps=1, progress=False)
+    inject_flora(model, LLAMA_TARGETS, r=1)
+    res = train(model, tok, [(prompt, completion)] * 4, epochs=10, batch_size=4, lr=2e-2,
+                progress=False)
+    assert res.losses[-1] < res.losses[0]
