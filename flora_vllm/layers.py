@@ -9,6 +9,7 @@ manager resets the other kind when it fills a slot. Plain tokens (slot -1) get t
 from __future__ import annotations
 
 import functools
+import itertools
 from types import SimpleNamespace
 
 import torch
@@ -36,6 +37,7 @@ from flora_vllm.ops.torch_ops import (
 )
 
 _cost_models: dict[tuple[str, torch.dtype], CostModel] = {}
+_layer_uids = itertools.count()  # merged-weight cache keys: never reused, unlike id()
 _merge_cache: MergedWeightCache | None = None
 
 
@@ -103,6 +105,7 @@ class FLoRALinearMixin:
     _flora_slots: set[int]  # slots holding a FLoRA adapter (host-side, no device sync)
     _flora_rank_host: list[list[int]]  # flora_ranks mirrored on the host, for planning
     _flora_version: list[int]  # bumped whenever a slot changes: keys the merged-weight cache
+    _flora_uid: int  # this layer in those keys (a counter: id() may recur after a layer dies)
     _slice_gemms: list[Gemm]  # per output slice: x -> x W_slice^T (vLLM's fast GEMM on CPU)
 
     def create_lora_weights(
@@ -139,6 +142,7 @@ class FLoRALinearMixin:
         self._flora_slots = set()
         self._flora_rank_host = [[0] * len(self.output_slices) for _ in range(max_loras)]
         self._flora_version = [0] * max_loras
+        self._flora_uid = next(_layer_uids)
         self._slice_gemms = self._build_slice_gemms(weight)
         self._opaque_key = opaque.register(
             f"linear:{self.base_layer.prefix}", self.apply, opaque.linear_fake(weight.shape[0])
@@ -181,7 +185,7 @@ class FLoRALinearMixin:
         self._flora_slots.discard(index)
         self._flora_rank_host[index] = [0] * len(self.output_slices)
         self._flora_version[index] += 1
-        merge_cache().drop(id(self), index)
+        merge_cache().drop(self._flora_uid, index)
 
     def set_flora(
         self,
@@ -308,7 +312,7 @@ class FLoRALinearMixin:
         if not segs:
             return {}
         cache = merge_cache()
-        keys = [(id(self), i, s, self._flora_version[s]) for s in segs]
+        keys = [(self._flora_uid, i, s, self._flora_version[s]) for s in segs]
         cached = [cache.get(k) for k in keys]
         ranks = [self._flora_rank_host[s][i] for s in segs]
         if execution == "merged":
