@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: setup test test-slow test-ray lint demo clean
+.PHONY: setup test test-slow test-ray lint demo demo-tiny demo-adapters clean
 
 setup: $(STAMP)
 
@@ -32,9 +32,17 @@ test-ray: setup
 test-slow: setup
 	$(PY) -m pytest -m slow
 
-## Build tiny LLaMA + StarCoder models with FLoRA and LoRA adapters, serve, ask, print.
+## SmolLM2-135M-Instruct with 3 trained FLoRA adapters and 1 LoRA: serve, ask, print, score.
 demo: setup
 	$(VENV)/bin/flora-vllm demo
+
+## Random tiny LLaMA + StarCoder models with FLoRA and LoRA adapters: serve, ask, print.
+demo-tiny: setup
+	$(VENV)/bin/flora-vllm demo --tiny
+
+## Retrain the shipped demo adapters (flora_vllm/demo_adapters/) with the project's trainer.
+demo-adapters: setup
+	$(PY) -m flora_vllm.demo
 
 clean:
 	rm -rf $(VENV) demo_artifacts

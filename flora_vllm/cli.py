@@ -1,5 +1,6 @@
-"""`flora-vllm` command line: `serve` (vLLM's OpenAI server with FLoRA), `demo`, `train`,
-`convert`, `ray-serve` and `fetch-model` (a real model's HF folder, made once)."""
+"""`flora-vllm` command line: `serve` (vLLM's OpenAI server with FLoRA), `demo` (SmolLM2 with
+trained adapters; `--tiny`: random models), `train`, `convert`, `ray-serve` and `fetch-model`
+(a real model's HF folder, made once)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from collections.abc import Sequence
 DEMO_PROMPTS = ["def add(a, b):", "The quick brown fox", "for i in range(10):"]
 
 
-def run_demo(workdir: str, archs: Sequence[str], max_tokens: int) -> int:
-    """Build tiny models + adapters, serve each with vLLM, ask every adapter, print answers."""
+def run_tiny_demo(workdir: str, archs: Sequence[str], max_tokens: int) -> int:
+    """Build tiny random models + adapters, serve each with vLLM, ask every adapter, print
+    answers (noise: the models are random; the tests' models)."""
     from openai import OpenAI
 
     from flora_vllm.server import ServerProcess, lora_modules_args
@@ -79,10 +81,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     fetch.add_argument("name", nargs="?", default="smollm2", help="model to fetch (smollm2)")
     fetch.add_argument("--cache", default=None, help="cache directory (env FLORA_MODEL_CACHE)")
-    demo = sub.add_parser("demo", help="serve tiny random LLaMA and StarCoder with adapters")
-    demo.add_argument("--workdir", default="demo_artifacts", help="where models are written")
-    demo.add_argument("--arch", choices=["llama", "starcoder"], action="append")
-    demo.add_argument("--max-tokens", type=int, default=12)
+    demo = sub.add_parser(
+        "demo", help="serve SmolLM2-135M-Instruct with trained FLoRA and LoRA adapters, ask, score"
+    )
+    demo.add_argument("--workdir", default="demo_artifacts", help="where outputs are written")
+    demo.add_argument("--model", default=None, help="a LLaMA-family HF folder (default: SmolLM2)")
+    demo.add_argument(
+        "--retrain", action="store_true", help="train the adapters (into the cache) and use them"
+    )
+    demo.add_argument("--cache", default=None, help="cache directory (env FLORA_MODEL_CACHE)")
+    demo.add_argument(
+        "--tiny", action="store_true", help="random tiny LLaMA and StarCoder models instead"
+    )
+    demo.add_argument("--arch", choices=["llama", "starcoder"], action="append", help="--tiny")
+    demo.add_argument("--max-tokens", type=int, default=None)
 
     if argv[:1] == ["serve"]:
         from flora_vllm.server import exec_server
@@ -114,8 +126,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"flora-vllm fetch-model: {e}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "demo" and args.tiny:
+        archs = args.arch or ["llama", "starcoder"]
+        return run_tiny_demo(os.path.join(args.workdir, "tiny"), archs, args.max_tokens or 12)
     if args.command == "demo":
-        return run_demo(args.workdir, args.arch or ["llama", "starcoder"], args.max_tokens)
+        from flora_vllm.demo import run_real_demo
+
+        if args.arch:
+            parser.error("--arch needs --tiny")
+        workdir = os.path.join(args.workdir, "real")
+        return run_real_demo(workdir, args.model, args.retrain, args.max_tokens or 48, args.cache)
     parser.error(f"unknown command {args.command}")
     return 2
 
