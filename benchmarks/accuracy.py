@@ -446,18 +446,12 @@ def compare(case: ServeCase, answers: list[list]) -> dict:
     return row
 
 
-def serve_check(
-    cfg: Config, cases: list[ServeCase], base_dir: str, workdir: str, log: Callable[[str], None]
-) -> dict:
-    """Serve the base and every FLoRA adapter of `cases` from one vLLM server, score each case's
-    subset through it and compare with the trainer (see `compare`); raises nothing, reports."""
-    from openai import OpenAI
+def vllm_server_args(adapters: dict[str, str], max_rank: int) -> list[str]:
+    """The vLLM server arguments of the accuracy checks: float32, the base served as "base",
+    `adapters` (served name -> folder) as LoRA modules, up to rank `max_rank`."""
+    from flora_vllm.server import lora_modules_args
 
-    from flora_vllm.server import ServerProcess, lora_modules_args
-
-    adapters = {c.model: c.path for c in cases if c.path is not None}
-    max_rank = max((c.rank for c in cases if c.rank is not None), default=1)
-    args = [
+    return [
         "--served-model-name", "base",
         "--dtype", "float32",
         "--max-model-len", "512",
@@ -471,6 +465,20 @@ def serve_check(
         "--lora-target-modules", *LLAMA_TARGETS,
         *lora_modules_args(adapters),
     ]  # fmt: skip
+
+
+def serve_check(
+    cfg: Config, cases: list[ServeCase], base_dir: str, workdir: str, log: Callable[[str], None]
+) -> dict:
+    """Serve the base and every FLoRA adapter of `cases` from one vLLM server, score each case's
+    subset through it and compare with the trainer (see `compare`); raises nothing, reports."""
+    from openai import OpenAI
+
+    from flora_vllm.server import ServerProcess
+
+    adapters = {c.model: c.path for c in cases if c.path is not None}
+    max_rank = max((c.rank for c in cases if c.rank is not None), default=1)
+    args = vllm_server_args(adapters, max_rank)
     # No hub: everything is local, a wrong path must fail at once rather than try a download.
     log_path = os.path.join(workdir, "vllm-server.log")
     server = ServerProcess(base_dir, args=args, env={"HF_HUB_OFFLINE": "1"}, log_path=log_path)
