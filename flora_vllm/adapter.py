@@ -40,6 +40,17 @@ class FLoRAAdapterError(ValueError):
         )
 
 
+class AdapterResourcesError(RuntimeError):
+    """Loading an adapter ran out of memory: the server's state at that moment, not the
+    adapter's fault, so the client may retry (HTTP 503); nothing of the adapter stays loaded."""
+
+    MESSAGE_PREFIX = "Out of memory loading adapter"  # the API server maps it to HTTP 503
+
+    def __init__(self, adapter: str, cause: BaseException):
+        self.adapter = adapter
+        super().__init__(f"{self.MESSAGE_PREFIX} {adapter}: {type(cause).__name__}: {cause}")
+
+
 class FLoRAAdapterNotFoundError(FileNotFoundError):
     """The adapter folder (or its config) does not exist."""
 

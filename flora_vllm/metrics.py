@@ -4,10 +4,16 @@ vLLM's metrics are per engine; an operator serving hundreds of tenants needs the
 who sends traffic, how many tokens, how slow, and whether the adapter sits in a device slot or
 only in the host cache (a cold adapter pays a load on its next request). Base-model requests are
 counted under `adapter=""`, `adapter_type="base"`.
+
+Bounded: an adapter's series are removed once it is unloaded and its last request is gone
+(`forget`), and at most `FLORA_METRICS_MAX_ADAPTERS` (default 1024) adapters have series of
+their own at a time; requests of any further adapter are counted under `adapter="_other"`.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -56,6 +62,40 @@ RESIDENT = Gauge(
 )
 
 
+OTHER = "_other"  # the adapter label once MAX_ADAPTERS adapters have series
+MAX_ADAPTERS = int(os.environ.get("FLORA_METRICS_MAX_ADAPTERS", "1024"))
+_lock = threading.Lock()
+_series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}  # adapter -> (family, label values)
+
+
+def _labels(metric: Any, adapter: str, *rest: str) -> Any:
+    """`metric.labels(...)` for an adapter, the label set remembered (for `forget`) and the
+    adapter folded into `OTHER` once `MAX_ADAPTERS` others have series."""
+    with _lock:
+        if adapter not in _series and adapter and len(_series) >= MAX_ADAPTERS:
+            adapter = OTHER
+        values = (adapter, *rest)
+        _series.setdefault(adapter, set()).add((metric, values))
+    return metric.labels(*values)
+
+
+def forget(adapter: str) -> None:
+    """Remove every recorded series of `adapter` (it is gone: unloaded, last request done)."""
+    with _lock:
+        owned = _series.pop(adapter, set())
+    for metric, values in owned:
+        try:
+            metric.remove(*values)
+        except KeyError:  # already cleared (a scrape-time gauge)
+            pass
+
+
+def tracked_adapters() -> int:
+    """How many adapters have series of their own now (bounded by MAX_ADAPTERS + OTHER)."""
+    with _lock:
+        return len(_series)
+
+
 def record_finished(
     adapter: str,
     adapter_type: str,
@@ -67,14 +107,14 @@ def record_finished(
 ) -> None:
     """Count one finished (or aborted) request; None = not known (vLLM stats logging off)."""
     labels = (adapter, adapter_type)
-    REQUESTS.labels(*labels, finished_reason).inc()
-    PROMPT_TOKENS.labels(*labels).inc(prompt_tokens)
+    _labels(REQUESTS, *labels, finished_reason).inc()
+    _labels(PROMPT_TOKENS, *labels).inc(prompt_tokens)
     if generation_tokens is not None:
-        GENERATION_TOKENS.labels(*labels).inc(generation_tokens)
+        _labels(GENERATION_TOKENS, *labels).inc(generation_tokens)
     if e2e_s is not None:
-        E2E_LATENCY.labels(*labels).observe(e2e_s)
+        _labels(E2E_LATENCY, *labels).observe(e2e_s)
     if ttft_s:  # 0.0: no token came (aborted in the queue)
-        TTFT.labels(*labels).observe(ttft_s)
+        _labels(TTFT, *labels).observe(ttft_s)
 
 
 def set_live_state(

@@ -119,6 +119,9 @@ class FloraServeConfig:
     api_key: str | None = None
     """With a key, every path of the app needs `Authorization: Bearer <key>` (as `--api-key`
     on the vLLM server); Serve's own `/-/healthz` stays open."""
+    adapter_roots: list[str] = field(default_factory=list)
+    """Folders adapters may be read from (as `flora-vllm serve --adapter-root`): every adapter
+    path is checked at start-up and the engines refuse any other (FLORA_ADAPTER_ROOTS)."""
 
     def __post_init__(self) -> None:
         self.served_model_name = self.served_model_name or os.path.basename(self.model.rstrip("/"))
@@ -132,6 +135,21 @@ class FloraServeConfig:
         bad = [n for n in self.adapters if ":" in n or n == self.served_model_name]
         if bad:
             problems.append(f"adapter names {bad} contain ':' or equal the base model's name")
+        if self.adapter_roots:
+            from flora_vllm.access import AdapterPathRefusedError, check_adapter_path
+
+            self.adapter_roots = [os.path.realpath(r) for r in self.adapter_roots]
+            problems += [f"adapter root {r!r} is not a directory"
+                         for r in self.adapter_roots if not os.path.isdir(r)]
+            for name, path in self.adapters.items():
+                try:
+                    check_adapter_path(path, self.adapter_roots)
+                except (AdapterPathRefusedError, ValueError) as e:
+                    problems.append(f"adapter {name!r}: {e}")
+            if self.dynamic_lora_path:
+                problems.append(
+                    "dynamic_lora_path (a cloud folder) cannot be combined with adapter_roots"
+                )
         if self.adapters_per_replica is not None and self.adapters_per_replica < self.max_loras:
             problems.append(
                 f"adapters_per_replica={self.adapters_per_replica} < max_loras={self.max_loras}"
@@ -170,6 +188,8 @@ class FloraServeConfig:
         if self.max_model_len:
             engine_kwargs["max_model_len"] = self.max_model_len
         env = {k: v for k, v in os.environ.items() if k.startswith("FLORA_")}
+        if self.adapter_roots:
+            env["FLORA_ADAPTER_ROOTS"] = os.pathsep.join(self.adapter_roots)
         if cpu:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
         router = RequestRouterConfig(
@@ -676,6 +696,13 @@ def parse_args(argv: Sequence[str]) -> tuple[FloraServeConfig, argparse.Namespac
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--kv-cache-gib", type=int, default=FloraServeConfig.kv_cache_gib)
     p.add_argument("--dynamic-lora-path", help="cloud folder of more adapters (s3://, gs://)")
+    p.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="adapters only from inside DIR (repeatable), as on `flora-vllm serve`",
+    )
     p.add_argument("--imbalanced-threshold", type=int, default=16)
     p.add_argument("--engine-kwargs", type=json.loads, default={}, help="JSON: more vLLM args")
     p.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="engine env vars")
@@ -714,6 +741,7 @@ def parse_args(argv: Sequence[str]) -> tuple[FloraServeConfig, argparse.Namespac
         engine_kwargs=a.engine_kwargs,
         env=_pairs(a.env, "--env"),
         api_key=a.api_key,
+        adapter_roots=a.adapter_root,
     )
     return cfg, a
 

@@ -127,8 +127,55 @@ def exec_server(user_args: Sequence[str]) -> None:
     env = server_env({**os.environ, **flora_env})
     runtime_env, message = runtime_loading(args, env)
     print(f"flora-vllm serve: {message}", file=sys.stderr, flush=True)
+    if not _has_cuda():
+        bind_env, bind_message = cpu_parallel_env(args, env)
+        runtime_env.update(bind_env)
+        if bind_message:
+            print(f"flora-vllm serve: {bind_message}", file=sys.stderr, flush=True)
     argv = [sys.executable, "-m", API_SERVER_MODULE, *server_argv(args)]
     os.execve(sys.executable, argv, {**env, **runtime_env})
+
+
+OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def _flag_int(args: Sequence[str], names: Sequence[str], default: int = 1) -> int:
+    """The last value of an integer flag given as `--flag N` or `--flag=N`."""
+    value = default
+    for i, a in enumerate(args):
+        flag, eq, v = a.partition("=")
+        if flag in names:
+            v = v if eq else (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                value = int(v)
+            except ValueError:
+                pass  # vLLM's own argument parser reports it
+    return value
+
+
+def cpu_parallel_env(
+    args: Sequence[str], env: Mapping[str, str], cpus: Sequence[int] | None = None
+) -> tuple[dict[str, str], str | None]:
+    """On the CPU backend with more than one rank (tensor x pipeline parallel), vLLM binds each
+    rank's OpenMP threads to cores from VLLM_CPU_OMP_THREADS_BIND; left to itself ("auto") it
+    exits before ready on a small box. Unless set, give every rank its own share of the cores
+    this process may use, e.g. "0|1" for 2 ranks on 2 cores. Returns (env to add, message)."""
+    tp = _flag_int(args, ["--tensor-parallel-size", "-tp"])
+    pp = _flag_int(args, ["--pipeline-parallel-size", "-pp"])
+    ranks = tp * pp
+    if ranks <= 1 or OMP_BIND_ENV in env:
+        return {}, None
+    cores = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        return {}, (
+            f"{ranks} parallel ranks on {len(cores)} core(s): not setting {OMP_BIND_ENV} "
+            "(vLLM decides; set it to one core list per rank, separated by '|')"
+        )
+    share = len(cores) // ranks
+    value = "|".join(
+        ",".join(str(c) for c in cores[i * share : (i + 1) * share]) for i in range(ranks)
+    )
+    return {OMP_BIND_ENV: value}, f"{ranks} CPU ranks: {OMP_BIND_ENV}={value} (one share each)"
 
 
 def free_port() -> int:
@@ -170,6 +217,8 @@ class ServerProcess:
         ]
         env = server_env({**os.environ, **self.env, **roots_env})
         env.update(runtime_loading(args, env)[0])  # as `flora-vllm serve` decides
+        if not _has_cuda():
+            env.update(cpu_parallel_env(args, env)[0])
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -102,6 +102,44 @@ def build_llama(path: str, spec: TinySpec | None = None, seed: int = 0) -> str:
     return path
 
 
+# LLaMA-family architectures the plugin serves with the same layers: Qwen2 adds q/k/v biases,
+# Qwen3 q/k RMS norms, Mistral is LLaMA with its own name (and sliding-window support, off here).
+LLAMA_FAMILY = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
+
+
+def build_llama_family(path: str, arch: str, spec: TinySpec | None = None, seed: int = 0) -> str:
+    """Save a random Qwen2 / Qwen3 / Mistral causal LM (`LLAMA_FAMILY`) + tokenizer."""
+    import transformers
+
+    config_name, model_name = LLAMA_FAMILY[arch]
+    spec = spec or TinySpec()
+    cfg = getattr(transformers, config_name)(
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        head_dim=spec.hidden // spec.heads,
+        max_position_embeddings=spec.max_positions,
+        sliding_window=None,
+        use_sliding_window=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = getattr(transformers, model_name)(cfg)
+    _init_(model, spec.init_std, seed)
+    model.save_pretrained(path)
+    build_tokenizer(path, spec.vocab)
+    return path
+
+
 def build_starcoder(
     path: str, spec: TinySpec | None = None, seed: int = 0, multi_query: bool = True
 ) -> str:
@@ -190,11 +228,17 @@ def build_demo_set(root: str, arch: str = "llama") -> dict[str, str]:
     if arch == "llama":
         build_llama(model_dir)
         targets = LLAMA_TARGETS
+    elif arch in LLAMA_FAMILY:
+        build_llama_family(model_dir, arch)
+        targets = LLAMA_TARGETS
     elif arch in ("starcoder", "starcoder-mha"):
         build_starcoder(model_dir, multi_query=arch == "starcoder")
         targets = STARCODER_TARGETS
     else:
-        raise ValueError(f"unknown arch {arch!r}: use 'llama', 'starcoder' or 'starcoder-mha'")
+        raise ValueError(
+            f"unknown arch {arch!r}: use 'llama', {', '.join(map(repr, LLAMA_FAMILY))}, "
+            "'starcoder' or 'starcoder-mha'"
+        )
     paths = {"base": model_dir}
     for i, r in enumerate((1, 2, 4, 8)):
         name = f"flora-r{r}"

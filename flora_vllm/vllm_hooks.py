@@ -17,9 +17,13 @@ HOOKS with the reason; `patches/` holds the same changes as diffs against vLLM's
   keep the unpacked weight next to vLLM's packed one (FLoRA merges read it) instead of freeing it.
 - `vllm.v1.core.kv_cache_utils._gen_lora_extra_hash_keys`: prefix-cache blocks are keyed by
   adapter name *and id*, so a reloaded adapter never reuses KV computed with its old weights.
-- `OpenAIServingModels.load_lora_adapter`: an invalid adapter answers 400, not 500; a path outside
+- `OpenAIServingModels.load_lora_adapter`: an invalid adapter answers 400 and running out of
+  memory 503, not 500 (by error class, `load_failure`); a path outside
   FLORA_ADAPTER_ROOTS answers 403; a reload (`load_inplace`) gets a fresh adapter id, so requests
   in flight finish on the old weights and new ones get the new weights.
+- `OpenAIServingModels.resolve_lora` (and load / unload): the per-name locks live only while
+  in use; stock vLLM keeps one for every name a client ever sent (with runtime loading on, each
+  unknown `model` name adds one, forever).
 - `OpenAIServingModels.unload_lora_adapter`: the engine drops an unloaded (or replaced) adapter
   once no request holds a reference on its id (stock vLLM keeps it until evicted).
 - `BaseServing._maybe_get_adapters`: adapter resolution; each request gets its own copy of
@@ -36,6 +40,10 @@ HOOKS with the reason; `patches/` holds the same changes as diffs against vLLM's
   `PunicaWrapperBase.update_metadata` (the step's tokens per slot, on the host, once), and
   `LogitsProcessorWithLoRA` (`set_lora` / `reset_lora` / `_get_logits`: the lm_head LoRA only
   while some slot has lm_head weights): what adapter mode costs requests that use no adapter.
+- `CpuPlatform.check_and_update_config`: keeps vLLM's compilation with LoRA on (adapter layers
+  are opaque nodes), and refuses adapters with pipeline parallelism at start-up.
+- Test seam, only with FLORA_TEST_LOAD_FAULT set: the worker's load of a named adapter raises
+  MemoryError or RuntimeError.
 - Test seam, only with FLORA_TEST_HOLD_DIR set: `AsyncLLM.add_request` holds `held-*` adapters'
   requests between resolution and the engine, so a test can force the unload race.
 - `vllm.entrypoints.launchers.app.init_entrypoints_middleware`: adds the per-adapter gauges'
@@ -58,6 +66,7 @@ import importlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -69,6 +78,7 @@ from flora_vllm import metrics
 from flora_vllm.access import AdapterPathRefusedError, ApiKeyMiddleware, check_adapter_path
 from flora_vllm.adapter import (
     PEFT_TYPE,
+    AdapterResourcesError,
     FLoRAAdapterError,
     FLoRAAdapterNotFoundError,
     load_adapter,
@@ -98,6 +108,7 @@ HOOK_TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.v1.core.kv_cache_utils", "_gen_lora_extra_hash_keys"),
     ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter"),
     ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.unload_lora_adapter"),
+    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.resolve_lora"),
     ("vllm.v1.engine.output_processor", "OutputProcessor._update_stats_from_finished"),
     ("vllm.v1.engine.output_processor", "OutputProcessor.abort_requests"),
     ("vllm.entrypoints.launchers.app", "init_entrypoints_middleware"),
@@ -252,6 +263,8 @@ def _wrap_load_adapter(orig: Callable) -> Callable:
         name, path = lora_request.lora_name, lora_request.lora_path
         label = f"'{name}' ({path})"
         try:
+            if (fault := _injected_fault(name)) is not None:
+                raise fault
             check_adapter_path(path, get_config().adapter_roots)  # the API server checked too
             try:
                 abs_path = get_adapter_absolute_path(path)
@@ -275,10 +288,31 @@ def _wrap_load_adapter(orig: Callable) -> Callable:
             raise
         except FLoRAAdapterNotFoundError as e:
             raise LoRAAdapterNotFoundError(name, path) from e
-        except (ValueError, KeyError, TypeError, OSError, RecursionError, SafetensorError) as e:
+        except (MemoryError, torch.OutOfMemoryError) as e:  # the server's state: 503
+            raise AdapterResourcesError(label, e) from e
+        except (
+            ValueError, KeyError, TypeError, OSError, RecursionError, SafetensorError, RuntimeError
+        ) as e:  # the files do not make an adapter for this model (incl. torch's errors): 400
             raise FLoRAAdapterError(label, [f"{type(e).__name__}: {e}"]) from e  # incl. refused
 
     return _load_adapter
+
+
+FAULT_ENV = "FLORA_TEST_LOAD_FAULT"
+"""Test seam (off unless set): `name=MemoryError,other=RuntimeError` makes the worker's load of
+adapter `name` raise that error, as a real out-of-memory or torch failure would."""
+_FAULTS = {"MemoryError": MemoryError, "RuntimeError": RuntimeError}
+
+
+def _injected_fault(name: str) -> BaseException | None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    for item in spec.split(","):
+        adapter, _, kind = item.partition("=")
+        if adapter == name and kind in _FAULTS:
+            return _FAULTS[kind](f"injected by {FAULT_ENV}")
+    return None
 
 
 def _check_lora_finite(label: str, lora: Any) -> None:
@@ -648,14 +682,28 @@ def _wrap_embedding_forward(orig: Callable) -> Callable:
 # --- compilation ------------------------------------------------------------------------------
 
 
+PIPELINE_REFUSAL = (
+    "flora_vllm: adapters (--enable-lora) with --pipeline-parallel-size {pp} are not supported "
+    "on the CPU backend: vLLM 0.29's CPU runner crashes on the first request with pipeline "
+    "parallelism whenever LoRA runs eagerly (`assert self.intermediate_tensors is not None` in "
+    "sync_and_gather_intermediate_tensors, with this plugin off too), and each stage holds only "
+    "its own layers, so an adapter for the whole model cannot be checked there. Use "
+    "--tensor-parallel-size for parallelism, or serve without adapters."
+)
+
+
 def _wrap_cpu_check_config(orig: Callable) -> Callable:
     """vLLM's CPU platform sets `CompilationMode.NONE` whenever a LoRA config exists, because
     LoRA layers branch on per-step host state. With every adapter layer an opaque node
     (ops/opaque.py) the rest of the model can be compiled as on a plain server: the platform
-    decides its compilation settings as if LoRA were off (FLORA_COMPILE=0: vLLM's choice)."""
+    decides its compilation settings as if LoRA were off (FLORA_COMPILE=0: vLLM's choice).
+    Also refuses adapters with pipeline parallelism at start-up (`PIPELINE_REFUSAL`)."""
 
     def check_and_update_config(cls: Any, vllm_config: Any) -> None:
         lora = vllm_config.lora_config
+        pp = vllm_config.parallel_config.pipeline_parallel_size
+        if lora is not None and pp > 1:
+            raise ValueError(PIPELINE_REFUSAL.format(pp=pp))
         if lora is None or not get_config().compile:
             return orig(vllm_config)
         vllm_config.lora_config = None
@@ -766,13 +814,18 @@ async def _remove_from_engine(engine: Any, lora_id: int) -> None:
         await after(engine)
 
 
-def retire(engine: Any, lora_id: int) -> None:
-    """Drop adapter `lora_id` from the engine once no request holds a reference on it. Call on
-    the event loop; the release itself may come from any thread (a finalizer)."""
+def retire(
+    engine: Any, lora_id: int, on_release: Callable[[], None] | None = None
+) -> None:
+    """Drop adapter `lora_id` from the engine once no request holds a reference on it, then
+    call `on_release` (any thread). Call on the event loop; the release itself may come from
+    any thread (a finalizer)."""
     loop = asyncio.get_running_loop()
 
     def release() -> None:
         _types.pop(lora_id, None)
+        if on_release is not None:
+            on_release()
         start = lambda: _spawn(_remove_from_engine(engine, lora_id))  # noqa: E731
         try:
             here = asyncio.get_running_loop() is loop
@@ -796,9 +849,43 @@ async def settle_releases() -> None:
 # --- adapters in the API server: roots, reload, unload ---------------------------------------
 
 
+VLLM_FAILURE_WRAPPERS = (
+    "Call to add_lora method failed: ",  # EngineCore utility call -> API server
+    "Worker failed with error '",  # MultiprocExecutor: worker process -> engine core
+)
+"""How vLLM 0.29 hands a failed `add_lora` across its process boundaries: only text, each hop
+putting its own words in front of the exception's message; the type itself does not cross."""
+# Each load error class of the plugin, by the HTTP answer it gets. Their messages start with
+# the class's MESSAGE_PREFIX, which is how the class crosses the boundaries (`load_failure`).
+LOAD_ERRORS: dict[type, tuple[HTTPStatus, str]] = {
+    FLoRAAdapterError: (HTTPStatus.BAD_REQUEST, "BadRequestError"),
+    AdapterResourcesError: (HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
+}
+
+
+def load_failure(error: BaseException | str) -> type | None:
+    """The plugin's error class behind a failed adapter load: the exception's own class in
+    the process that raised it; elsewhere (vLLM hands over only text) the class whose prefix
+    starts the message once vLLM's hop wrappers are taken off the front (None: not ours)."""
+    for cls in LOAD_ERRORS:
+        if isinstance(error, cls):
+            return cls
+    text = str(error)
+    stripped = True
+    while stripped:
+        stripped = False
+        for wrapper in VLLM_FAILURE_WRAPPERS:
+            if text.startswith(wrapper):
+                text, stripped = text[len(wrapper) :], True
+    for cls in LOAD_ERRORS:
+        if text.startswith(cls.MESSAGE_PREFIX):
+            return cls
+    return None
+
+
 def _load_error(lora_request: Any, e: Exception) -> Any:
-    """Stock vLLM's answer to an engine load failure: missing folder 404, anything else 500
-    (`_invalid_adapter_is_400` then turns an invalid adapter's 500 into a 400)."""
+    """Stock vLLM's answer to an engine load failure (missing folder 404, anything else 500),
+    then `_load_status` (the plugin's error classes: 400 / 503)."""
     from vllm.entrypoints.serve import create_error_response
     from vllm.exceptions import LoRAAdapterNotFoundError
 
@@ -808,19 +895,16 @@ def _load_error(lora_request: Any, e: Exception) -> Any:
     return create_error_response(str(e), "InternalServerError", HTTPStatus.INTERNAL_SERVER_ERROR)
 
 
-def _invalid_adapter_is_400(result: Any) -> Any:
-    """A load's 500 whose message is FLoRAAdapterError's (its prefix crosses the process
-    boundary) is the client's adapter at fault: 400."""
+def _load_status(result: Any) -> Any:
+    """A load's 500 caused by one of the plugin's load errors gets that error's status: an
+    invalid adapter is the client's fault (400), running out of memory is transient (503)."""
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     error = result.error if isinstance(result, ErrorResponse) else None  # else: success text
-    if (
-        error is not None
-        and error.code == HTTPStatus.INTERNAL_SERVER_ERROR
-        and FLoRAAdapterError.MESSAGE_PREFIX in error.message
-    ):
-        error.code = HTTPStatus.BAD_REQUEST
-        error.type = "BadRequestError"
+    if error is not None and error.code == HTTPStatus.INTERNAL_SERVER_ERROR:
+        cls = load_failure(error.message)
+        if cls is not None:
+            error.code, error.type = LOAD_ERRORS[cls]
     return result
 
 
@@ -857,11 +941,42 @@ async def _reload(models: Any, request: Any, base_model_name: str | None) -> Any
     return f"Success: LoRA adapter '{name}' reloaded."
 
 
+class LockTable(weakref.WeakValueDictionary):
+    """name -> asyncio.Lock, created on first use and kept only while a task holds or awaits
+    it (`async with table[name]` keeps it alive): bounded by the names in use, not by every
+    name ever sent, while two tasks on one name still share one lock."""
+
+    def __getitem__(self, name: str) -> asyncio.Lock:
+        lock = self.get(name)
+        if lock is None:
+            lock = self[name] = asyncio.Lock()
+        return lock
+
+
+def _bounded_locks(models: Any) -> None:
+    """Swap vLLM's ever-growing `lora_resolver_lock` defaultdict for a LockTable (once; the
+    locks in it move over, so a holder and a waiter still meet on the same lock)."""
+    if not isinstance(models.lora_resolver_lock, LockTable):
+        table = LockTable()
+        table.update(models.lora_resolver_lock)
+        models.lora_resolver_lock = table
+
+
+def _wrap_resolve_lora(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    async def resolve_lora(self: Any, lora_name: str) -> Any:
+        _bounded_locks(self)
+        return await orig(self, lora_name)
+
+    return resolve_lora
+
+
 def _wrap_load_lora_adapter(orig: Callable) -> Callable:
     from vllm.entrypoints.serve import create_error_response
 
     @functools.wraps(orig)
     async def load_lora_adapter(self: Any, request: Any, base_model_name: str | None = None):
+        _bounded_locks(self)
         if request.lora_name and self.is_base_model(request.lora_name):
             return create_error_response(
                 f"adapter name '{request.lora_name}' is the served model's name; pick another",
@@ -875,8 +990,8 @@ def _wrap_load_lora_adapter(orig: Callable) -> Callable:
             except ValueError as e:
                 return create_error_response(str(e), "InvalidUserInput")
         if request.load_inplace and request.lora_name in self.lora_requests:
-            return _invalid_adapter_is_400(await _reload(self, request, base_model_name))
-        return _invalid_adapter_is_400(await orig(self, request, base_model_name))
+            return _load_status(await _reload(self, request, base_model_name))
+        return _load_status(await orig(self, request, base_model_name))
 
     return load_lora_adapter
 
@@ -886,10 +1001,17 @@ def _wrap_unload_lora_adapter(orig: Callable) -> Callable:
 
     @functools.wraps(orig)
     async def unload_lora_adapter(self: Any, request: Any):
+        _bounded_locks(self)
         old = self.lora_requests.get(request.lora_name) if request.lora_name else None
         result = await orig(self, request)
         if old is not None and not isinstance(result, ErrorResponse):
-            retire(self.engine_client, old.lora_int_id)
+            name = old.lora_name
+
+            def forget_series() -> None:  # its series go with its last request, unless the
+                if name not in self.lora_requests:  # name was loaded again meanwhile
+                    metrics.forget(name)
+
+            retire(self.engine_client, old.lora_int_id, forget_series)
         return result
 
     return unload_lora_adapter
@@ -1113,6 +1235,7 @@ def apply_hooks() -> None:
     serving = "vllm.entrypoints.openai.models.serving"
     _patch(serving, "OpenAIServingModels.load_lora_adapter", _wrap_load_lora_adapter)
     _patch(serving, "OpenAIServingModels.unload_lora_adapter", _wrap_unload_lora_adapter)
+    _patch(serving, "OpenAIServingModels.resolve_lora", _wrap_resolve_lora)
     outputs = "vllm.v1.engine.output_processor"
     _patch(outputs, "OutputProcessor._update_stats_from_finished", _wrap_update_stats_from_finished)
     _patch(outputs, "OutputProcessor.abort_requests", _wrap_abort_requests)

@@ -75,5 +75,7 @@ def llama_server(
 ) -> Iterator[ServerProcess]:
     """LLaMA server with every adapter slot filled (`--max-loras` = number of adapters)."""
     log = str(tmp_path_factory.mktemp("logs") / "llama-full.log")
-    with serve(model_sets["llama"], len(ADAPTERS), log) as server:
+    # Test seam: loading these two names fails in the worker as out-of-memory / a torch error.
+    faults = {"FLORA_TEST_LOAD_FAULT": "fault-oom=MemoryError,fault-torch=RuntimeError"}
+    with serve(model_sets["llama"], len(ADAPTERS), log, env=faults) as server:
         yield server

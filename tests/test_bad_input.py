@@ -423,6 +423,33 @@ def test_runtime_loaded_flora_matches_static(good, model_sets, tmp_path):
     assert r.status_code == 404, r.text
 
 
+@pytest.mark.parametrize(
+    "name, status, kind, message",
+    [("fault-oom", 503, "ServiceUnavailableError", "Out of memory loading adapter 'fault-oom'"),
+     ("fault-torch", 400, "BadRequestError", "RuntimeError: injected by FLORA_TEST_LOAD_FAULT")],
+)
+def test_worker_load_errors_get_their_status(name, status, kind, message, good, model_sets):
+    """Out of memory while loading (MemoryError / torch.OutOfMemoryError) is a 503 the client
+    may retry, a torch error from the files a 400; neither is a 500, and neither leaves any
+    state behind: the name is unknown afterwards and the same folder then loads and serves.
+    (The worker raises them through the test seam FLORA_TEST_LOAD_FAULT, see conftest.)"""
+    c = good["client"]
+    path = model_sets["llama"]["flora-r2"]
+    r = c.post(LOAD, json={"lora_name": name, "lora_path": path})
+    assert r.status_code == status and r.json()["error"]["type"] == kind, r.text
+    assert message in _error(r), r.text
+    assert name not in {m["id"] for m in c.get("/v1/models").json()["data"]}
+    assert c.post(COMPLETIONS, json={**good["body"], "model": name}).status_code == 404
+    assert c.post(LOAD, json={"lora_name": f"{name}-retry", "lora_path": path}).status_code == 200
+    try:
+        r = c.post(COMPLETIONS, json={**good["body"], "model": f"{name}-retry"})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["logprobs"]["tokens"] == good["answer"]["tokens"]
+    finally:
+        assert c.post(UNLOAD, json={"lora_name": f"{name}-retry"}).status_code == 200
+    _still_serving(good)
+
+
 def test_failed_reload_keeps_the_adapter_served(good, model_sets, tmp_path):
     """A reload (`load_inplace`) from a broken folder is a 400, from a missing one a 404; either
     way the adapter keeps serving its old weights."""
@@ -599,6 +626,37 @@ class TestAllowedRoots:
         """After every refused path: /health is 200 and answers are unchanged."""
         assert roots.good["client"].get("/health").status_code == 200
         _still_serving(roots.good)
+
+
+UNKNOWN_NAMES = 10_000
+RSS_MARGIN = 64 * 2**20  # bytes the API server may grow by over UNKNOWN_NAMES requests
+
+
+def test_ten_thousand_unknown_adapter_names_stay_bounded(good, llama_server):
+    """Clients choose the names: 10,000 distinct unknown ones, bare and as `base:<name>`, are
+    each a 404 naming the model, leave no per-adapter series on /metrics, and the API server's
+    memory does not grow with them (RSS within RSS_MARGIN after a warm-up)."""
+    import psutil
+
+    api_server = psutil.Process(llama_server.proc.pid)
+    client = good["client"]
+
+    def ask(i: int) -> tuple[int, bool]:
+        name = f"nobody-{i}" if i % 2 else f"base:nobody-{i}"
+        r = client.post(COMPLETIONS, json={**good["body"], "model": name, "max_tokens": 1})
+        return r.status_code, name in _error(r)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(ask, range(-500, 0)))  # warm-up: allocator, caches, logging
+        rss_before = api_server.memory_info().rss
+        answers = list(pool.map(ask, range(UNKNOWN_NAMES)))
+    grown = api_server.memory_info().rss - rss_before
+    print(f"API server RSS {rss_before / 2**20:.0f} MiB, grown {grown / 2**20:+.1f} MiB "
+          f"over {UNKNOWN_NAMES} unknown names")
+    assert answers == [(404, True)] * UNKNOWN_NAMES
+    assert grown < RSS_MARGIN, f"API server RSS grew by {grown / 2**20:.0f} MiB"
+    assert "nobody-" not in client.get("/metrics").text
+    _still_serving(good)
 
 
 def test_server_still_healthy_after_everything(good):

@@ -183,3 +183,64 @@ def test_metrics_scrape_survives_unreadable_gauges(monkeypatch):
     assert len(warnings) == 2, warnings  # in-flight once, residency once
     text = metrics.render({"": metrics.snapshot()})
     assert 'adapter="a"' in text  # the gauges read last time are still served
+
+
+def test_load_failures_are_told_apart_by_error_class():
+    """The class decides the status; across vLLM's process boundaries (where only text passes)
+    the class is recognised by its prefix right after vLLM's hop wrappers, nowhere else."""
+    from flora_vllm.adapter import AdapterResourcesError, FLoRAAdapterError
+    from flora_vllm.vllm_hooks import LOAD_ERRORS, VLLM_FAILURE_WRAPPERS, load_failure
+
+    core, worker = VLLM_FAILURE_WRAPPERS
+
+    invalid = FLoRAAdapterError("'a' (/p)", ["RuntimeError: shapes"])
+    oom = AdapterResourcesError("'a' (/p)", MemoryError("no room"))
+    assert load_failure(invalid) is FLoRAAdapterError
+    assert load_failure(oom) is AdapterResourcesError
+    assert load_failure(core + str(invalid)) is FLoRAAdapterError
+    assert load_failure(core + worker + str(oom) + "', please check ...") is AdapterResourcesError
+    assert load_failure(worker + str(invalid)) is FLoRAAdapterError
+    assert LOAD_ERRORS[FLoRAAdapterError][0] == 400 and LOAD_ERRORS[AdapterResourcesError][0] == 503
+    for other in (
+        core + worker + "KeyError: 'Invalid adapter' is not a module",  # the words elsewhere
+        "Loading lora Invalid adapter x failed",
+        RuntimeError("CUDA error: an illegal memory access"),
+    ):
+        assert load_failure(other) is None, other
+
+
+def test_per_name_locks_live_only_while_in_use():
+    """10,000 distinct names locked one after another leave no lock behind; two tasks on one
+    name still exclude each other (they meet on the same lock)."""
+    import asyncio
+    import collections
+
+    from flora_vllm.vllm_hooks import LockTable, _bounded_locks
+
+    async def main() -> None:
+        models = type("Models", (), {})()
+        models.lora_resolver_lock = collections.defaultdict(asyncio.Lock)
+        held = models.lora_resolver_lock["kept"]
+        _bounded_locks(models)
+        table = models.lora_resolver_lock
+        assert isinstance(table, LockTable) and table["kept"] is held
+        for i in range(10_000):
+            async with table[f"nobody-{i}"]:
+                pass
+        del held
+        assert len(table) == 0
+        inside, order = 0, []
+
+        async def worker(k: int) -> None:
+            nonlocal inside
+            async with table["same"]:
+                inside += 1
+                assert inside == 1
+                await asyncio.sleep(0)
+                order.append(k)
+                inside -= 1
+
+        await asyncio.gather(*(worker(k) for k in range(5)))
+        assert sorted(order) == list(range(5)) and len(table) == 0
+
+    asyncio.run(main())

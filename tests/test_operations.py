@@ -182,6 +182,34 @@ def test_per_adapter_metrics_match_usage(guarded):
                  finished_reason="length") == 0
 
 
+def test_unloaded_adapters_leave_no_series(guarded, model_sets):
+    """An adapter's per-adapter series go when it is unloaded and its last request is done
+    (hundreds of short-lived tenants must not grow /metrics forever); a name loaded again
+    starts from zero."""
+    client = OpenAI(base_url=guarded.url + "/v1", api_key=KEY, timeout=300)
+    c = httpx.Client(base_url=guarded.url, headers=AUTH, timeout=120)
+    path = model_sets["llama"]["flora-r1"]
+    lab = {"adapter": "short-lived", "adapter_type": "flora"}
+    for _ in range(2):
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": "short-lived", "lora_path": path})
+        assert r.status_code == 200, r.text
+        _complete(client, "short-lived", 5, 2)
+        m = _metrics(guarded)
+        assert _value(m, "flora:adapter_requests_total", **lab, finished_reason="length") == 1
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "short-lived"}).is_success
+        deadline = time.monotonic() + 60  # released when its last request's lease is gone
+        while time.monotonic() < deadline:
+            left = [(n, k) for n, v in _metrics(guarded).items() for k in v
+                    if ("adapter", "short-lived") in k]
+            if not left:
+                break
+            time.sleep(0.5)
+        assert not left, left
+    m = _metrics(guarded)  # the others keep theirs
+    assert _value(m, "flora:adapter_requests_total", **_adapter("flora-r1"),
+                  finished_reason="length") > 0
+
+
 def test_residency_follows_slots_and_cache(guarded):
     """With 2 device slots and 3 host cache entries, the two adapters used last are on the
     device, at most 3 adapters are held at all, and each is in one place only."""

@@ -51,3 +51,16 @@ def test_runtime_loading_only_behind_a_key_or_roots(tmp_path):
                                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1")
     assert runtime_loading([], {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "0"})[1].startswith(
         "runtime adapter loading OFF")  # the user's own setting wins
+
+
+def test_cpu_ranks_get_their_own_cores_unless_the_user_bound_them():
+    from flora_vllm.server import OMP_BIND_ENV, cpu_parallel_env
+
+    assert cpu_parallel_env(["--model", "m"], {}, cpus=[0, 1]) == ({}, None)  # one rank
+    env, msg = cpu_parallel_env(["--tensor-parallel-size", "2"], {}, cpus=[0, 1])
+    assert env == {OMP_BIND_ENV: "0|1"} and OMP_BIND_ENV in msg
+    env, _ = cpu_parallel_env(["-tp=2", "-pp", "2"], {}, cpus=range(8))
+    assert env == {OMP_BIND_ENV: "0,1|2,3|4,5|6,7"}
+    assert cpu_parallel_env(["-tp", "2"], {OMP_BIND_ENV: "0-1|2-3"}, cpus=[0, 1]) == ({}, None)
+    env, msg = cpu_parallel_env(["-tp", "4"], {}, cpus=[0, 1])  # fewer cores than ranks
+    assert env == {} and "4 parallel ranks on 2 core(s)" in msg

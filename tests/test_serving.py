@@ -122,6 +122,39 @@ def test_mixed_batch(arch, max_loras, execution, model_sets, tmp_path):
         run_mixed_batch(server, model_sets[arch])
 
 
+@pytest.mark.parametrize("arch", ["llama", "starcoder"])
+def test_mixed_batch_tensor_parallel_2(arch, model_sets, tmp_path):
+    """Tensor parallel 2 (two CPU ranks, one core each by `flora-vllm serve`'s default binding):
+    every layer family sharded (column, row, packed qkv / gate_up, StarCoder's multi-query
+    c_attn with its one k/v head replicated) answers the mixed batch like the dense oracle."""
+    extra = ["--tensor-parallel-size", "2"]
+    with serve(model_sets[arch], len(ADAPTERS), str(tmp_path / "server.log"), extra) as server:
+        run_mixed_batch(server, model_sets[arch])
+        with open(server.log_path) as f:
+            assert "world_size=2" in f.read().replace(" ", "")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_mixed_batch_llama_family(arch, tmp_path):
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Mistral: the same layers, the same oracle."""
+    from flora_vllm.tiny import build_demo_set
+
+    paths = build_demo_set(str(tmp_path / arch), arch)
+    with serve(paths, len(ADAPTERS), str(tmp_path / "server.log")) as server:
+        run_mixed_batch(server, paths)
+
+
+def test_pipeline_parallel_with_adapters_is_refused_at_start(model_sets, tmp_path):
+    """PP > 1 with adapters would crash on the first request (vLLM's CPU runner, eager LoRA):
+    the server refuses at start-up and names the cause."""
+    extra = ["--pipeline-parallel-size", "2"]
+    server = serve(model_sets["llama"], 2, str(tmp_path / "server.log"), extra)
+    with pytest.raises(RuntimeError, match="exited") as err:
+        server.start(timeout=300)
+    assert "--pipeline-parallel-size 2 are not supported" in str(err.value)
+    assert "--tensor-parallel-size" in str(err.value)
+
+
 @pytest.mark.slow
 def test_starcoder_without_multi_query(tmp_path):
     """GPTBigCode with per-head k/v (c_attn rows interleaved per head in the checkpoint)."""
