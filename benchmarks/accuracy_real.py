@@ -18,7 +18,7 @@ the target; train / validation / test disjoint):
 Methods (`benchmarks.accuracy.adapted_model`): FLoRA r=1 and r=4 (`flora_vllm.train`, merged
 form), LoRA r=1 and r=4 (PEFT, alpha = 2r) and IA3 (PEFT), all trained by the same loop
 (`flora_vllm.train.train`: AdamW, loss on the completion only) on the same examples in the same
-order for the same number of steps. Each method's learning rate is picked from two candidates
+order for the same number of steps. Each method's learning rate is picked from three candidates
 by mean validation exact match over the tasks (ties: lower validation loss; validation exact match
 is teacher-forced: every completion token is the argmax, which is what greedy decoding produces);
 the chosen learning rate's adapters are then scored on the test split: exact match of the greedy
@@ -740,7 +740,8 @@ def report(result: dict, cfg: Config) -> str:
         f"{result.get('serving', {}).get('seconds', 0) / 60:.1f} min vLLM serving check). "
         f"Every method: {cfg.steps} AdamW steps of batch {cfg.batch} on the same "
         f"{cfg.n_train} training examples per task (each seen once, same order), lr chosen per "
-        f"method from two on {cfg.n_val} validation examples per task; test: {cfg.n_test} "
+        f"method from {max(len(v) for v in cfg.lrs.values())} on {cfg.n_val} validation "
+        f"examples per task; test: {cfg.n_test} "
         "examples per task, never in training. acc = exact match of the greedy completion "
         "(up to the first newline); loss = mean completion-token cross-entropy (teacher-forced, "
         "newline included).\n\n"
