@@ -77,12 +77,9 @@ def _init_(model: torch.nn.Module, std: float, seed: int) -> None:
                 p.copy_(std * torch.randn(p.shape, generator=gen))
 
 
-def build_llama(path: str, spec: TinySpec | None = None, seed: int = 0) -> str:
-    """Save a random LlamaForCausalLM + tokenizer under `path`; return `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    spec = spec or TinySpec()
-    cfg = LlamaConfig(
+def _llama_config_kwargs(spec: TinySpec) -> dict:
+    """The config fields every tiny LLaMA-family model shares (LLaMA, Qwen2/3, Mistral)."""
+    return dict(
         vocab_size=spec.vocab,
         hidden_size=spec.hidden,
         intermediate_size=spec.intermediate,
@@ -95,7 +92,14 @@ def build_llama(path: str, spec: TinySpec | None = None, seed: int = 0) -> str:
         tie_word_embeddings=False,
         torch_dtype="float32",
     )
-    model = LlamaForCausalLM(cfg)
+
+
+def build_llama(path: str, spec: TinySpec | None = None, seed: int = 0) -> str:
+    """Save a random LlamaForCausalLM + tokenizer under `path`; return `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = spec or TinySpec()
+    model = LlamaForCausalLM(LlamaConfig(**_llama_config_kwargs(spec)))
     _init_(model, spec.init_std, seed)
     model.save_pretrained(path)
     build_tokenizer(path, spec.vocab)
@@ -118,20 +122,10 @@ def build_llama_family(path: str, arch: str, spec: TinySpec | None = None, seed:
     config_name, model_name = LLAMA_FAMILY[arch]
     spec = spec or TinySpec()
     cfg = getattr(transformers, config_name)(
-        vocab_size=spec.vocab,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
+        **_llama_config_kwargs(spec),
         head_dim=spec.hidden // spec.heads,
-        max_position_embeddings=spec.max_positions,
         sliding_window=None,
         use_sliding_window=False,
-        bos_token_id=0,
-        eos_token_id=1,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
     )
     model = getattr(transformers, model_name)(cfg)
     _init_(model, spec.init_std, seed)
