@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -467,11 +468,16 @@ def vllm_server_args(adapters: dict[str, str], max_rank: int) -> list[str]:
     ]  # fmt: skip
 
 
-def serve_check(
-    cfg: Config, cases: list[ServeCase], base_dir: str, workdir: str, log: Callable[[str], None]
-) -> dict:
-    """Serve the base and every FLoRA adapter of `cases` from one vLLM server, score each case's
-    subset through it and compare with the trainer (see `compare`); raises nothing, reports."""
+def serve_and_score(
+    cases: list[ServeCase],
+    base_dir: str,
+    workdir: str,
+    log: Callable[[str], None],
+    score: Callable[[Any], Any],
+) -> tuple[Any, dict]:
+    """Start one vLLM server with the base and every adapter of `cases`, run `score(client)`
+    against it (a failure raises with the server's state and log tail), stop it; returns
+    score's result and the run's facts (server args, start / scoring / total seconds)."""
     from openai import OpenAI
 
     from flora_vllm.server import ServerProcess
@@ -485,15 +491,11 @@ def serve_check(
     t0 = time.monotonic()
     with server:
         started = time.monotonic() - t0
-        log(f"vLLM server up in {started:.0f}s: base + {len(adapters)} FLoRA adapters")
+        log(f"vLLM server up in {started:.0f}s: base + {len(adapters)} adapters")
         client = OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=600, max_retries=1)
-        jobs = [(c.model, ids) for c in cases for ids in c.ids]
         t1 = time.monotonic()
         try:
-            for model in dict.fromkeys(c.model for c in cases):  # one by one: clear failures
-                prompt_logprobs(client, model, next(c for c in cases if c.model == model).ids[0])
-            with ThreadPoolExecutor(SERVE_CONCURRENCY) as pool:
-                flat = list(pool.map(lambda j: prompt_logprobs(client, *j), jobs))
+            result = score(client)
         except Exception as e:
             code = server.proc.poll() if server.proc is not None else None
             state = "still running" if code is None else f"exited with {code}"
@@ -502,6 +504,29 @@ def serve_check(
                 f"{state}{server._tail(60)}"
             ) from e
         scored = time.monotonic() - t1
+    return result, {
+        "server_args": args,
+        "server_start_seconds": started,
+        "scoring_seconds": scored,
+        "seconds": time.monotonic() - t0,
+    }
+
+
+def serve_check(
+    cfg: Config, cases: list[ServeCase], base_dir: str, workdir: str, log: Callable[[str], None]
+) -> dict:
+    """Serve the base and every FLoRA adapter of `cases` from one vLLM server, score each case's
+    subset through it and compare with the trainer (see `compare`); raises nothing, reports."""
+    jobs = [(c.model, ids) for c in cases for ids in c.ids]
+
+    def score(client: Any) -> list:
+        for model in dict.fromkeys(c.model for c in cases):  # one by one: clear failures
+            prompt_logprobs(client, model, next(c for c in cases if c.model == model).ids[0])
+        with ThreadPoolExecutor(SERVE_CONCURRENCY) as pool:
+            return list(pool.map(lambda j: prompt_logprobs(client, *j), jobs))
+
+    flat, run = serve_and_score(cases, base_dir, workdir, log, score)
+    scored = run["scoring_seconds"]
     sample = next(e for e in flat[-1] if e is not None)
     log(
         f"scored {len(jobs)} requests in {scored:.0f}s; one prompt_logprobs entry "
@@ -528,10 +553,7 @@ def serve_check(
         "subset": cfg.n_serve,
         "loss_tol": LOSS_TOL,
         "tie_eps": TIE_EPS,
-        "server_args": args,
-        "server_start_seconds": started,
-        "scoring_seconds": scored,
-        "seconds": time.monotonic() - t0,
+        **run,
         "requests": len(jobs),
         "max_abs_loss_diff": max(m["abs_loss_diff"] for m in models),
         "max_abs_logprob_diff": max(m["max_abs_logprob_diff"] for m in models),

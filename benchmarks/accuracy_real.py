@@ -70,7 +70,7 @@ from benchmarks.accuracy import (  # noqa: E402
     adapted_model,
     compare,
     prompt_logprobs,
-    vllm_server_args,
+    serve_and_score,
 )
 from flora_vllm.train import save, train  # noqa: E402
 
@@ -482,43 +482,26 @@ def served_greedy(client: Any, model: str, prompt: list[int], max_tokens: int, s
 def serve_check(result: dict, workdir: str, log: Callable[[str], None] = print) -> dict:
     """Serve the base and every chosen FLoRA / LoRA adapter from one vLLM server; compare the
     served greedy answers and completion losses on the test splits with the trainer's."""
-    from openai import OpenAI
     from transformers import AutoTokenizer
-
-    from flora_vllm.server import ServerProcess
 
     base_dir = result["base_dir"]
     cases: list[ServeCase] = result["_cases"]
     gcases: list[GreedyCase] = result["_greedy"]
     tok = AutoTokenizer.from_pretrained(base_dir)
     stops = stop_ids(tok)
-    adapters = {c.model: c.path for c in cases if c.path is not None}
-    max_rank = max((c.rank for c in cases if c.rank is not None), default=1)
-    args = vllm_server_args(adapters, max_rank)
-    log_path = os.path.join(workdir, "vllm-server.log")
-    server = ServerProcess(base_dir, args=args, env={"HF_HUB_OFFLINE": "1"}, log_path=log_path)
-    t0 = time.monotonic()
-    with server:
-        started = time.monotonic() - t0
-        log(f"vLLM server up in {started:.0f}s: base + {len(adapters)} adapters")
-        client = OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=600, max_retries=1)
-        lp_jobs = [(c.model, ids) for c in cases for ids in c.ids]
-        g_jobs = [(g.model, p, g.max_new) for g in gcases for p in g.prompts]
-        t1 = time.monotonic()
-        try:
-            for c in cases:  # one by one first: a broken adapter fails clearly
-                prompt_logprobs(client, c.model, c.ids[0])
-            with ThreadPoolExecutor(SERVE_CONCURRENCY) as pool:
-                flat_lp = list(pool.map(lambda j: prompt_logprobs(client, *j), lp_jobs))
-                flat_g = list(pool.map(lambda j: served_greedy(client, *j, stops), g_jobs))
-        except Exception as e:
-            code = server.proc.poll() if server.proc is not None else None
-            state = "still running" if code is None else f"exited with {code}"
-            raise RuntimeError(
-                f"scoring through vLLM failed ({type(e).__name__}: {e}); the server is "
-                f"{state}{server._tail(60)}"
-            ) from e
-        scored = time.monotonic() - t1
+    lp_jobs = [(c.model, ids) for c in cases for ids in c.ids]
+    g_jobs = [(g.model, p, g.max_new) for g in gcases for p in g.prompts]
+
+    def score(client: Any) -> tuple[list, list]:
+        for c in cases:  # one by one first: a broken adapter fails clearly
+            prompt_logprobs(client, c.model, c.ids[0])
+        with ThreadPoolExecutor(SERVE_CONCURRENCY) as pool:
+            flat_lp = list(pool.map(lambda j: prompt_logprobs(client, *j), lp_jobs))
+            flat_g = list(pool.map(lambda j: served_greedy(client, *j, stops), g_jobs))
+        return flat_lp, flat_g
+
+    (flat_lp, flat_g), run = serve_and_score(cases, base_dir, workdir, log, score)
+    scored = run["scoring_seconds"]
     log(f"{len(lp_jobs)} prompt_logprobs + {len(g_jobs)} greedy requests in {scored:.0f}s")
     models, problems = [], []
     k = j = 0
@@ -587,10 +570,7 @@ def serve_check(result: dict, workdir: str, log: Callable[[str], None] = print) 
     return {
         "loss_tol": LOSS_TOL,
         "tie_eps": TIE_EPS,
-        "server_args": args,
-        "server_start_seconds": started,
-        "scoring_seconds": scored,
-        "seconds": time.monotonic() - t0,
+        **run,
         "requests": len(lp_jobs) + len(g_jobs),
         "max_abs_loss_diff": max(m["abs_loss_diff"] for m in models),
         "max_abs_logprob_diff": max(m["max_abs_logprob_diff"] for m in models),
