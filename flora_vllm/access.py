@@ -55,6 +55,23 @@ def check_adapter_path(path: str, roots: Sequence[str]) -> None:
                 raise AdapterPathRefusedError(f"{where}: {rel!r} links to {target!r}")
 
 
+def find_adapter_folder(name: str, roots: Sequence[str]) -> str | None:
+    """`<root>/<name>` in the first root that has it, for a model name nobody registered (the
+    resolver serves it on first use); None where no root has it. Raises AdapterPathRefusedError
+    when it leads outside the roots (`..`, an absolute name, a symlink), ValueError for a null
+    byte. What the folder holds is the loader's to check (a broken one is a 400 there)."""
+    if "\x00" in name:
+        raise ValueError("adapter name contains a null byte")
+    for root in roots:
+        path = os.path.join(root, name)
+        if os.path.lexists(path):
+            check_adapter_path(path, roots)
+            return path
+    if roots and (os.path.isabs(name) or ".." in name.split("/")):  # missing too, but a 403
+        check_adapter_path(os.path.join(roots[0], name), roots)  # says why it can never be
+    return None
+
+
 PUBLIC_PATHS = ("/health",)  # liveness probes carry no data and no key
 
 

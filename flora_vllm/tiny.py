@@ -193,6 +193,28 @@ def make_flora_adapter(
     return out_dir
 
 
+def make_tenant_adapters(
+    model_dir: str, root: str, names: list[str], targets: tuple[str, ...], rank: int = 1,
+    seed: int = 1000, spread: float = 0.25,
+) -> dict[str, str]:
+    """Many random FLoRA adapters (one per tenant) as `root/<name>`, the model read once;
+    adapter i is what `make_flora_adapter` makes with seed `seed + i`."""
+    from transformers import AutoModelForCausalLM
+
+    shapes = linear_shapes(AutoModelForCausalLM.from_pretrained(model_dir), targets)
+    paths = {}
+    for i, name in enumerate(names):
+        gen = torch.Generator().manual_seed(seed + i)
+        factors = {
+            path: (1.0 + spread * torch.randn(rank, in_f, generator=gen),
+                   1.0 + spread * torch.randn(out_f, rank, generator=gen))
+            for path, (out_f, in_f) in shapes.items()
+        }
+        paths[name] = os.path.join(root, name)
+        save_adapter(paths[name], factors, rank, base_model_name_or_path=model_dir)
+    return paths
+
+
 def make_lora_adapter(
     model_dir: str, out_dir: str, rank: int, targets: tuple[str, ...], seed: int
 ) -> str:

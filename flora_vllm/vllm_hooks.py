@@ -24,6 +24,11 @@ HOOKS with the reason; `patches/` holds the same changes as diffs against vLLM's
 - `OpenAIServingModels.resolve_lora` (and load / unload): the per-name locks live only while
   in use; stock vLLM keeps one for every name a client ever sent (with runtime loading on, each
   unknown `model` name adds one, forever).
+- `OpenAIServingModels.resolve_lora`, `BaseServing._check_model`: with adapter roots, an
+  unknown `model` name is served from `<root>/<name>` (`flora_vllm.resolver`, registered in
+  vLLM's `LoRAResolverRegistry`) through `load_lora_adapter`'s checks; its 403 / 400 / 503 keep
+  their code and reason (stock vLLM turns all but a 400 into a 404, and says only "could not be
+  loaded").
 - `OpenAIServingModels.unload_lora_adapter`: the engine drops an unloaded (or replaced) adapter
   once no request holds a reference on its id (stock vLLM keeps it until evicted).
 - `BaseServing._maybe_get_adapters`: adapter resolution; each request gets its own copy of
@@ -114,6 +119,8 @@ HOOK_TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.entrypoints.launchers.app", "init_entrypoints_middleware"),
     ("vllm.v1.worker.worker_base", "WorkerWrapperBase.__getattr__"),  # RPC reaches the worker
     ("vllm.entrypoints.serve.engine.serving", "BaseServing._maybe_get_adapters"),
+    ("vllm.entrypoints.serve.engine.serving", "BaseServing._check_model"),
+    ("vllm.lora.resolver", "LoRAResolverRegistry"),  # public; the plugin registers a resolver
     ("vllm.v1.worker.gpu_input_batch", "InputBatch.make_lora_inputs"),
     ("vllm.v1.engine.core", "EngineCore.add_request"),
     ("vllm.v1.engine.core", "EngineCore.add_lora"),
@@ -962,13 +969,80 @@ def _bounded_locks(models: Any) -> None:
         models.lora_resolver_lock = table
 
 
+def _folder_resolver(models: Any) -> Any:
+    """The plugin's adapter-roots resolver among vLLM's, if registered (`flora_vllm.resolver`)."""
+    from flora_vllm.resolver import AdapterFolderResolver
+
+    return next((r for r in models.lora_resolvers if isinstance(r, AdapterFolderResolver)), None)
+
+
 def _wrap_resolve_lora(orig: Callable) -> Callable:
+    from vllm.entrypoints.serve import create_error_response
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
     @functools.wraps(orig)
     async def resolve_lora(self: Any, lora_name: str) -> Any:
+        """An unknown name found in the adapter roots loads through `load_lora_adapter` (with
+        its checks and error codes: 403, 400, 503, each with the reason); anything else goes
+        to vLLM's resolvers. One load per name: concurrent first requests wait for it."""
         _bounded_locks(self)
-        return await orig(self, lora_name)
+        resolver = _folder_resolver(self)
+        if resolver is None or lora_name in self.lora_requests:
+            return await orig(self, lora_name)
+        resolving = self.__dict__.setdefault("_flora_resolving", LockTable())
+        async with resolving[lora_name]:  # not vLLM's lock: load_lora_adapter takes that one
+            if (known := self.lora_requests.get(lora_name)) is not None:
+                return known
+            try:
+                path = resolver.find(lora_name)
+            except AdapterPathRefusedError as e:
+                return create_error_response(str(e), "PermissionDenied", HTTPStatus.FORBIDDEN)
+            except ValueError as e:
+                return create_error_response(str(e), "InvalidUserInput")
+            if path is None:
+                return await orig(self, lora_name)  # other resolvers, else vLLM's 404
+            load = LoadLoRAAdapterRequest(lora_name=lora_name, lora_path=path)
+            result = await self.load_lora_adapter(load)
+            if isinstance(result, ErrorResponse):
+                if result.error.code != HTTPStatus.NOT_FOUND:
+                    return result
+                # the folder is there: no adapter in it is a broken adapter, not a missing one
+                return create_error_response(
+                    f"'{path}' holds no adapter: {result.error.message}", "InvalidUserInput"
+                )
+            logger.info("flora_vllm: adapter '%s' served from '%s'", lora_name, path)
+            # an unload may have raced the load: then the name is gone again, a 404
+            return self.lora_requests.get(lora_name) or await orig(self, lora_name)
 
     return resolve_lora
+
+
+def _wrap_check_model(orig: Callable) -> Callable:
+    from vllm import envs
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    @functools.wraps(orig)
+    async def _check_model(self: Any, request: Any) -> Any:
+        """With the adapter roots' resolver on, its 403 / 503 reach the client as they are
+        (stock vLLM passes only a resolver's 400 through and makes the rest a 404)."""
+        models, name = self.models, getattr(request, "model", None)
+        if (
+            name
+            and envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING
+            and hasattr(models, "lora_resolvers")
+            and name not in models.lora_requests
+            and not self._is_model_supported(name)
+            and _folder_resolver(models) is not None
+        ):
+            result = await models.resolve_lora(name)
+            if not isinstance(result, ErrorResponse):
+                return None
+            if result.error.code != HTTPStatus.NOT_FOUND:
+                return result
+        return await orig(self, request)
+
+    return _check_model
 
 
 def _wrap_load_lora_adapter(orig: Callable) -> Callable:
@@ -1236,6 +1310,7 @@ def apply_hooks() -> None:
     _patch(serving, "OpenAIServingModels.load_lora_adapter", _wrap_load_lora_adapter)
     _patch(serving, "OpenAIServingModels.unload_lora_adapter", _wrap_unload_lora_adapter)
     _patch(serving, "OpenAIServingModels.resolve_lora", _wrap_resolve_lora)
+    _patch("vllm.entrypoints.serve.engine.serving", "BaseServing._check_model", _wrap_check_model)
     outputs = "vllm.v1.engine.output_processor"
     _patch(outputs, "OutputProcessor._update_stats_from_finished", _wrap_update_stats_from_finished)
     _patch(outputs, "OutputProcessor.abort_requests", _wrap_abort_requests)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -27,6 +28,12 @@ def load_reference(model_dir: str, adapter_dir: str | None = None) -> torch.nn.M
 
         return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
     assert cfg["peft_type"] == "FLORA", cfg
+    _merge_flora(model, adapter_dir, cfg)
+    return model.eval()
+
+
+def _merge_flora(model: torch.nn.Module, adapter_dir: str, cfg: dict) -> None:
+    """W0 <- W0 ∘ ((flora_alpha / r) · B @ A) for every module the FLoRA files name."""
     scale = cfg.get("flora_alpha", 1.0) / cfg["r"]
     tensors = load_file(os.path.join(adapter_dir, "flora_model.safetensors"))
     modules = dict(model.named_modules())
@@ -41,7 +48,18 @@ def load_reference(model_dir: str, adapter_dir: str | None = None) -> torch.nn.M
             lin.weight.mul_(scale * (b.double() @ a.double()).to(lin.weight.dtype))
             merged += 1
     assert merged > 0
-    return model.eval()
+
+
+def flora_references(model_dir: str, adapter_dirs: list[str]) -> Iterator[torch.nn.Module]:
+    """The dense model with each FLoRA adapter merged in, in turn: one model whose weights are
+    merged, yielded, and restored (for hundreds of adapters, instead of a load each)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    for adapter_dir in adapter_dirs:
+        with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+            _merge_flora(model, adapter_dir, json.load(f))
+        yield model
+        model.load_state_dict(original)
 
 
 @torch.no_grad()
@@ -52,6 +70,26 @@ def token_logprobs(model: torch.nn.Module, prompt: list[int], completion: list[i
     logp = torch.log_softmax(logits, dim=-1)
     start = len(prompt) - 1
     return [logp[start + i, tok].item() for i, tok in enumerate(completion)]
+
+
+@torch.no_grad()
+def greedy_problems(
+    model: torch.nn.Module, prompt: list[int], tokens: list[int], logprobs: list[float],
+    tol: float = 1e-3,
+) -> list[str]:
+    """Why a served greedy answer is not the reference's (empty: it is): each token must be the
+    reference's most likely one, or within `tol` of it (a tie the two float paths may break
+    either way), and carry the reference's log-probability to `tol`."""
+    ids = torch.tensor([prompt + tokens])
+    logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    problems = []
+    for i, (tok, lp) in enumerate(zip(tokens, logprobs, strict=True)):
+        row = logp[len(prompt) - 1 + i]
+        if row.max() - row[tok] > tol:
+            problems.append(f"token {i}: {tok} is {row.max() - row[tok]:.2e} below the best")
+        if abs(row[tok] - lp) > tol:
+            problems.append(f"token {i}: logprob {lp:.5f} vs reference {row[tok]:.5f}")
+    return problems
 
 
 @torch.no_grad()

@@ -17,7 +17,12 @@ from conftest import serve
 from openai import OpenAI, PermissionDeniedError
 from prometheus_client.parser import text_string_to_metric_families
 
-from flora_vllm.access import REFUSED, AdapterPathRefusedError, check_adapter_path
+from flora_vllm.access import (
+    REFUSED,
+    AdapterPathRefusedError,
+    check_adapter_path,
+    find_adapter_folder,
+)
 from flora_vllm.server import ServerProcess
 
 KEY = "test-key-0123"
@@ -132,6 +137,52 @@ def test_check_adapter_path_rules(tmp_path):
             check_adapter_path(path, roots)
     with pytest.raises(ValueError, match="null byte"):
         check_adapter_path(f"{root}/ok\x00", roots)
+
+
+def test_find_adapter_folder_rules(tmp_path):
+    """`<root>/<name>` from the first root holding it; names leading outside are refused even
+    where nothing is there; a missing name is None (the server's 404)."""
+    a, b, other = tmp_path / "a", tmp_path / "b", tmp_path / "other"
+    for d in (a / "x", b / "x", b / "y", other / "z"):
+        d.mkdir(parents=True)
+    os.symlink(other, a / "link")
+    roots = [os.path.realpath(a), os.path.realpath(b)]
+    assert find_adapter_folder("x", roots) == os.path.join(roots[0], "x")
+    assert find_adapter_folder("y", roots) == os.path.join(roots[1], "y")
+    assert find_adapter_folder("nobody", roots) is None
+    assert find_adapter_folder("nobody", []) is None
+    for name in ("link", "../other", "../other/z", "../nowhere", str(other), "/nowhere"):
+        with pytest.raises(AdapterPathRefusedError, match=REFUSED):
+            find_adapter_folder(name, roots)
+    with pytest.raises(ValueError, match="null byte"):
+        find_adapter_folder("x\x00", roots)
+
+
+@pytest.mark.parametrize(("runtime", "registered"), [(None, True), ("1", True), ("0", False)])
+def test_resolver_registered_with_roots_only(tmp_path, monkeypatch, runtime, registered):
+    """The plugin registers the roots resolver in vLLM's registry when roots are set, turning
+    runtime loading on unless it was switched off explicitly."""
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    from flora_vllm import resolver
+    from flora_vllm.config import get_config
+
+    monkeypatch.setattr(LoRAResolverRegistry, "resolvers", {})
+    for env in ("FLORA_ADAPTER_ROOTS", resolver.RUNTIME_ENV):
+        monkeypatch.delenv(env, raising=False)
+    get_config.cache_clear()
+    try:
+        assert resolver.register_resolver() is None  # no roots: nothing
+        monkeypatch.setenv("FLORA_ADAPTER_ROOTS", str(tmp_path))
+        if runtime is not None:
+            monkeypatch.setenv(resolver.RUNTIME_ENV, runtime)
+        get_config.cache_clear()
+        got = resolver.register_resolver()
+        assert (got is not None) == registered
+        assert (resolver.NAME in LoRAResolverRegistry.get_supported_resolvers()) == registered
+        assert os.environ[resolver.RUNTIME_ENV] == (runtime or "1")
+    finally:
+        get_config.cache_clear()
 
 
 def _complete(client: OpenAI, model: str, n_prompt: int, max_tokens: int):
