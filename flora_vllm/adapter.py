@@ -154,6 +154,7 @@ def load_adapter(
     adapter_dir: str,
     module_shapes: Mapping[str, tuple[int, int]],
     max_rank: int | None = None,
+    rank_setting: str | None = None,
     dtype: torch.dtype = torch.float32,
     map_name: Callable[[str], str | None] | None = None,
     serve_dtype: torch.dtype | None = None,
@@ -165,6 +166,8 @@ def load_adapter(
         module_shapes: transformers module path -> (out_features, in_features) of every linear
             module of the model that FLoRA can adapt (e.g. "model.layers.0.self_attn.q_proj").
         max_rank: the server's rank limit (vLLM's --max-lora-rank); None for no limit.
+        rank_setting: the setting that sets `max_rank`, named in the refusal (default
+            `--max-lora-rank <max_rank>`).
         dtype: dtype of the returned factors.
         serve_dtype: the model's dtype, which the merged factor must fit (default `dtype`).
         map_name: maps a module path of the file to the model's module name (None = same).
@@ -178,10 +181,12 @@ def load_adapter(
     cfg = load_config(adapter_dir)
     problems: list[str] = []
     if max_rank is not None and cfg.r > max_rank:
-        problems.append(
-            f"rank {cfg.r} > --max-lora-rank {max_rank}; restart the server with "
-            f"--max-lora-rank >= {cfg.r} (vLLM allows 1, 8, 16, 32, 64, ...)"
-        )
+        rank_setting = rank_setting or f"--max-lora-rank {max_rank}"
+        if rank_setting.startswith("FLORA_MAX_RANK"):
+            fix = f"FLORA_MAX_RANK >= {cfg.r}"
+        else:
+            fix = f"--max-lora-rank >= {cfg.r} (vLLM allows 1, 8, 16, 32, 64, ...)"
+        problems.append(f"rank {cfg.r} > {rank_setting}; restart the server with {fix}")
     short_names = {p.rsplit(".", 1)[-1] for p in module_shapes}
     for t in cfg.target_modules:
         if t not in short_names:

@@ -28,6 +28,11 @@ class FLoRAConfig:
     """Directories adapters may be loaded from (resolved, symlinks followed); empty = anywhere.
     Env FLORA_ADAPTER_ROOTS, separated by `os.pathsep`; `flora-vllm serve --adapter-root DIR`."""
 
+    max_rank: int = 0
+    """Largest FLoRA rank a slot holds (0 = vLLM's `--max-lora-rank`). Every FLoRA stack is
+    (max_loras + 1) x this x width per wrapped layer: with hundreds of rank-1 tenants next to a
+    rank-8 LoRA, FLORA_MAX_RANK=1 makes each FLoRA slot 8x smaller. Env FLORA_MAX_RANK."""
+
     compile: bool = True
     """Keep vLLM's compilation of the model on a CPU server with LoRA enabled (vLLM turns it off
     there; the adapter layers run as opaque nodes instead). Env FLORA_COMPILE=0: vLLM's eager."""
@@ -40,6 +45,8 @@ class FLoRAConfig:
             )
         if self.execution == "fused":
             problems.extend(_fused_problems())
+        if self.max_rank < 0:
+            problems.append(f"FLORA_MAX_RANK={self.max_rank}; use 0 (--max-lora-rank) or >= 1")
         if self.merge_cache_mb < 0:
             problems.append(f"FLORA_MERGE_CACHE_MB={self.merge_cache_mb}; use a size >= 0")
         for root in self.adapter_roots:
@@ -50,11 +57,8 @@ class FLoRAConfig:
 
     @classmethod
     def from_env(cls) -> FLoRAConfig:
-        raw = os.environ.get("FLORA_MERGE_CACHE_MB", "512")
-        try:
-            cache_mb = int(raw)
-        except ValueError as e:
-            raise ValueError(f"FLORA_MERGE_CACHE_MB={raw!r} is not an integer") from e
+        cache_mb, max_rank = (_int_env(k, d) for k, d in (("FLORA_MERGE_CACHE_MB", "512"),
+                                                           ("FLORA_MAX_RANK", "0")))
         roots = os.environ.get("FLORA_ADAPTER_ROOTS", "")
         flag = os.environ.get("FLORA_COMPILE", "1")
         if flag not in ("0", "1"):
@@ -63,8 +67,24 @@ class FLoRAConfig:
             os.environ.get("FLORA_EXECUTION", "auto"),
             cache_mb,
             tuple(os.path.realpath(r) for r in roots.split(os.pathsep) if r),
+            max_rank,
             flag == "1",
         )
+
+    def rank_limit(self, max_lora_rank: int) -> tuple[int, str]:
+        """(largest FLoRA rank a slot holds, the setting that says so) on a server whose
+        `--max-lora-rank` is `max_lora_rank`."""
+        if self.max_rank:
+            return self.max_rank, f"FLORA_MAX_RANK={self.max_rank}"
+        return max_lora_rank, f"--max-lora-rank {max_lora_rank}"
+
+
+def _int_env(name: str, default: str) -> int:
+    raw = os.environ.get(name, default)
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r} is not an integer") from e
 
 
 def _fused_problems() -> list[str]:

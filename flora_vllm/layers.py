@@ -122,7 +122,7 @@ class FLoRALinearMixin:
                 "freed it after packing it for its CPU GEMM; the flora_vllm plugin hook on "
                 "dispatch_cpu_unquantized_gemm did not run."
             )
-        rank = lora_config.max_lora_rank
+        rank = get_config().rank_limit(lora_config.max_lora_rank)[0]
         dt, dev = factor_dtype(weight.dtype), weight.device  # fp32 factors for a bf16 model
         in_size = weight.shape[1]
         self.flora_a = [

@@ -244,10 +244,12 @@ def _load_flora(worker_manager: Any, lora_request: Any, lora_path: str) -> Any:
         if where
         else torch.float32
     )
+    max_rank, rank_setting = get_config().rank_limit(worker_manager.lora_config.max_lora_rank)
     cfg, weights = load_adapter(
         lora_path,
         shapes,
-        max_rank=worker_manager.lora_config.max_lora_rank,
+        max_rank=max_rank,
+        rank_setting=rank_setting,
         dtype=factor_dtype(dtype),  # fp32 for a bf16 model: see ops.torch_ops.factor_dtype
         map_name=map_name,
         serve_dtype=dtype,

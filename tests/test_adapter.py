@@ -34,6 +34,13 @@ def test_round_trip_folds_alpha_over_r_into_b(tmp_path):
         torch.testing.assert_close(weights[path].b, b * 2.0)  # 6 / 3
 
 
+def test_flora_rank_limit_is_named_in_the_refusal(tmp_path):
+    save_adapter(str(tmp_path), _factors(2), r=2)
+    with pytest.raises(FLoRAAdapterError,
+                       match=r"rank 2 > FLORA_MAX_RANK=1; .* FLORA_MAX_RANK >= 2"):
+        load_adapter(str(tmp_path), SHAPES, max_rank=1, rank_setting="FLORA_MAX_RANK=1")
+
+
 def test_all_problems_are_reported_together(tmp_path):
     factors = _factors(2)
     factors["m.layers.0.q_proj"] = (torch.ones(2, 5), torch.full((6, 2), float("nan")))

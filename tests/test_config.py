@@ -8,7 +8,8 @@ from flora_vllm.config import FLoRAConfig
 
 
 def _from(monkeypatch: pytest.MonkeyPatch, **env: str) -> FLoRAConfig:
-    for name in ("FLORA_EXECUTION", "FLORA_MERGE_CACHE_MB", "FLORA_COMPILE", "TRITON_INTERPRET"):
+    for name in ("FLORA_EXECUTION", "FLORA_MERGE_CACHE_MB", "FLORA_COMPILE", "FLORA_MAX_RANK",
+                 "TRITON_INTERPRET"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -24,6 +25,15 @@ def test_compile_switch(monkeypatch):
     assert _from(monkeypatch, FLORA_COMPILE="0").compile is False
     with pytest.raises(ValueError, match="FLORA_COMPILE='yes'"):
         _from(monkeypatch, FLORA_COMPILE="yes")
+
+
+def test_flora_rank_limit(monkeypatch):
+    assert _from(monkeypatch).rank_limit(8) == (8, "--max-lora-rank 8")
+    assert _from(monkeypatch, FLORA_MAX_RANK="1").rank_limit(8) == (1, "FLORA_MAX_RANK=1")
+    with pytest.raises(ValueError, match="FLORA_MAX_RANK=-1"):
+        _from(monkeypatch, FLORA_MAX_RANK="-1")
+    with pytest.raises(ValueError, match="FLORA_MAX_RANK='one' is not an integer"):
+        _from(monkeypatch, FLORA_MAX_RANK="one")
 
 
 def test_every_problem_listed(monkeypatch):

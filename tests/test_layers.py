@@ -519,6 +519,36 @@ def test_mixed_batch_matches_dense_per_token_and_slice(
     run({-1: 2, 1: 3, 2: 1}, False, "refilled: FLoRA only (decode)")
 
 
+@pytest.mark.parametrize("fam", FAMILIES, ids=FAMILY_IDS)
+def test_flora_rank_limit_sizes_the_stacks(
+    env: Callable[[str], None], fam: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLORA_MAX_RANK=2 under --max-lora-rank 8: FLoRA stacks hold 2 rows a slot (a quarter of
+    the bytes), vLLM's LoRA stacks keep rank 8, and a mixed batch still equals the dense layer."""
+    env("auto")
+    cfg = FLoRAConfig(max_rank=2)
+    monkeypatch.setattr(layers, "get_config", lambda: cfg)
+    gen = torch.Generator().manual_seed(77 + sum(map(ord, fam.name)))
+    weight, bias = _random_layer(fam, gen)
+    layer = build(fam, weight, bias)
+    slots = MAX_LORAS + 1
+    assert [tuple(a.shape) for a in layer.flora_a] == [(slots, 2, fam.in_size)] * len(fam.slices)
+    assert [tuple(b.shape) for b in layer.flora_b] == [(slots, 2, out) for out in fam.slices]
+    per_slot = sum(2 * (fam.in_size + out) * 4 for out in fam.slices)
+    stacks = sum(t.nbytes for t in (*layer.flora_a, *layer.flora_b))
+    assert stacks == slots * per_slot
+    assert layer.lora_a_stacked[0].shape[-2:] == (MAX_RANK, fam.in_size // 1)  # LoRA: rank 8
+    wrapper, update = make_wrapper(True)
+    layer.set_mapping(wrapper)
+    adapters = {0: _flora(fam, 1, gen), 1: _flora(fam, 2, gen), 2: _lora(fam, 4, gen)}
+    for slot, ad in adapters.items():
+        fill(layer, slot, ad)
+    groups = {-1: 3, 0: 3, 1: 3, 2: 3}
+    for prefill in (True, False):
+        check(fam, layer, wrapper, update, weight, bias, _slots(gen, groups), adapters, prefill,
+              gen, f"FLORA_MAX_RANK=2, prefill={prefill}")
+
+
 # --- 2. tensor parallelism: per-rank shards equal the unsharded layer ----------------------------
 
 

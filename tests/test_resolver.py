@@ -5,6 +5,7 @@ resolved on first use, 64 concurrent, every answer equal to the dense merged mod
 distinct tenants in the engine at once (more than `--max-cpu-loras` = 96 in the folder, so
 evicted ones come back from disk); a LoRA folder too; every refusal with its status and reason
 (403 outside the root, 404 missing, 400 broken) while the server keeps serving; RSS bounded.
+FLoRA slots hold rank 1 (FLORA_MAX_RANK=1) next to LoRA slots of rank 8.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Root]:
     )
     make_lora_adapter(model, str(folder / "lora-t"), 4, LLAMA_TARGETS, 7)
     make_flora_adapter(model, str(folder / "too-big"), 16, LLAMA_TARGETS, 3)  # rank 16 > 8
+    make_flora_adapter(model, str(folder / "rank-two"), 2, LLAMA_TARGETS, 5)  # FLoRA rank 2 > 1
     (folder / "notes.txt").write_text("not an adapter")
     os.makedirs(folder / "empty")
     make_flora_adapter(model, str(base / "outside"), 1, LLAMA_TARGETS, 4)
@@ -74,7 +76,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Root]:
         "--max-lora-rank", "8", "--max-num-seqs", str(IN_FLIGHT), "--seed", "0",
     ]
     # FLORA_ADAPTER_ROOTS alone, as for the plain `vllm` command: no --lora-modules at all
-    env = {"HF_HUB_OFFLINE": "1", "FLORA_ADAPTER_ROOTS": str(folder)}
+    # FLoRA slots hold rank 1 (the tenants'), LoRA slots rank 8: FLORA_MAX_RANK
+    env = {"HF_HUB_OFFLINE": "1", "FLORA_ADAPTER_ROOTS": str(folder), "FLORA_MAX_RANK": "1"}
     log = str(base / "server.log")
     with ServerProcess(model, args=args, env=env, log_path=log) as server:
         client = OpenAI(base_url=server.url + "/v1", api_key="x", timeout=600, max_retries=0)
@@ -182,7 +185,8 @@ def test_lora_folder_resolved_too(root: Root) -> None:
         ("../outside", openai.PermissionDeniedError, REFUSED),  # a sibling of the root
         ("/etc", openai.PermissionDeniedError, REFUSED),
         ("nobody-here", openai.NotFoundError, "does not exist"),
-        ("too-big", openai.BadRequestError, "16"),  # rank over --max-lora-rank
+        ("too-big", openai.BadRequestError, "rank 16 > FLORA_MAX_RANK=1"),
+        ("rank-two", openai.BadRequestError, "rank 2 > FLORA_MAX_RANK=1"),
         ("empty", openai.BadRequestError, "holds no adapter"),
         ("notes.txt", openai.BadRequestError, "Not a directory"),
     ],
