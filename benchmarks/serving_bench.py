@@ -272,9 +272,11 @@ def vllm_bench(
     args: argparse.Namespace,
     raw_dir: str | None,
     seed: int,
+    assignment: str = "random",
 ) -> dict[str, Any]:
     """vLLM's serving benchmark, in this process, against `url`; its result dict (also saved
-    as <raw_dir>/<run id>.json unless raw_dir is None)."""
+    as <raw_dir>/<run id>.json unless raw_dir is None). `assignment`: each request's adapter
+    drawn at random, or `round-robin` (N concurrent requests over N adapters: one each)."""
     from vllm.benchmarks.serve import add_cli_args
     from vllm.benchmarks.serve import main as bench_main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -304,7 +306,7 @@ def vllm_bench(
     if raw_dir is not None:
         argv += ["--save-result", "--result-dir", raw_dir, "--result-filename", f"{run.id}.json"]
     if run.adapters:
-        argv += ["--lora-modules", *run.adapters, "--lora-assignment", "random"]
+        argv += ["--lora-modules", *run.adapters, "--lora-assignment", assignment]
     return bench_main(parser.parse_args(argv))
 
 

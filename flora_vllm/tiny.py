@@ -236,6 +236,31 @@ def make_lora_adapter(
     return out_dir
 
 
+def make_tenant_lora_adapters(
+    model_dir: str, root: str, names: list[str], targets: tuple[str, ...], rank: int,
+    seed: int = 2000,
+) -> dict[str, str]:
+    """Many random PEFT LoRA adapters as `root/<name>`: PEFT saves the first, the others are
+    copies of its files with fresh random weights (the model is read once, not per adapter)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    first = make_lora_adapter(model_dir, os.path.join(root, names[0]), rank, targets, seed)
+    weights_file = os.path.join(first, "adapter_model.safetensors")
+    template = load_file(weights_file)
+    paths = {names[0]: first}
+    for i, name in enumerate(names[1:], 1):
+        gen = torch.Generator().manual_seed(seed + i)
+        paths[name] = os.path.join(root, name)
+        shutil.copytree(first, paths[name], dirs_exist_ok=True)
+        save_file(
+            {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in template.items()},
+            os.path.join(paths[name], "adapter_model.safetensors"),
+        )
+    return paths
+
+
 def build_demo_set(root: str, arch: str = "llama") -> dict[str, str]:
     """A model plus FLoRA adapters of ranks 1, 2, 4, 8 and one LoRA; returns name -> path
     ("base" is the model folder)."""

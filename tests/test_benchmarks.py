@@ -188,6 +188,41 @@ def test_serving_bench_smoke(tmp_path: Path) -> None:
     assert result["versions"]["flora-vllm"]
 
 
+def test_tenants_bench_smoke(tmp_path: Path) -> None:
+    """Tiny LLaMA, FLoRA r=1 tenants from the adapter root: distinct adapters per step 1 and 4,
+    8 and 16 registered, 3 cold starts, next to the plain server (LoRA off)."""
+    results = tmp_path / "results"
+    run_script(
+        [
+            "benchmarks/tenants_bench.py", "--tiny", "--kinds", "flora-r1",
+            "--distinct", "1", "4", "--concurrency", "4", "--prompts-per-run", "8",
+            "--registered", "8", "16", "--working-set", "4", "--cold", "3",
+            "--input-len", "16", "--output-len", "4", "--kv-cache-gib", "1",
+            "--workdir", str(tmp_path / "work"), "--results-dir", str(results),
+            "--tag", "smoke", "--no-plot",
+        ],  # fmt: skip
+        timeout=900,
+    )
+    result = json.loads((results / "smoke.json").read_text())
+    assert result["kind"] == "tenants"
+    runs = {r["id"]: r for r in result["runs"]}
+    assert set(runs) == {"base", "flora-r1-n1", "flora-r1-n4"}
+    for run in [*runs.values(), *result["registered"]]:
+        assert run["error"] is None, run
+        assert run["metrics"]["completed"] == 8 and run["metrics"]["failed"] == 0
+        assert run["rss_mib"] > 0
+    assert [r["registered"] for r in result["registered"]] == [8, 16]
+    cold = result["cold_start"]["flora-r1"]
+    assert len(cold["cold_s"]) == 3 and all(t > 0 for t in cold["cold_s"] + cold["warm_s"])
+    servers = {s["key"]: s for s in result["servers"]}
+    assert "--no-enable-lora" in servers["base"]["args"]  # the true vLLM baseline
+    assert "--adapter-root" in servers["r1"]["args"]  # nothing named at start-up
+    assert not any(a.startswith("--lora-modules") for a in servers["r1"]["args"])
+    goals = result["summary"]["goals"]
+    assert goals["flora_r1_tps_4_over_1_distinct"] > 0
+    assert set(goals["flora_r1_over_base"]) == {"1", "4"}
+
+
 def test_policy_bench_smoke(tmp_path):
     """The execution-policy layer benchmark runs end to end and records every cell."""
     from benchmarks import policy_bench
