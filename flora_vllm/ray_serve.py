@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +67,8 @@ from ray.serve.request_router import (
 from starlette.responses import Response
 
 from flora_vllm import metrics
-from flora_vllm.access import ApiKeyMiddleware
+from flora_vllm.access import AdapterPathRefusedError, ApiKeyMiddleware, find_adapter_folder
+from flora_vllm.config import get_config
 from flora_vllm.lifecycle import ADAPTERS
 from flora_vllm.server import DEFAULT_ENV
 from flora_vllm.vllm_hooks import (
@@ -190,6 +191,9 @@ class FloraServeConfig:
         env = {k: v for k, v in os.environ.items() if k.startswith("FLORA_")}
         if self.adapter_roots:
             env["FLORA_ADAPTER_ROOTS"] = os.pathsep.join(self.adapter_roots)
+        # Serve's multiplex cache is a replica's one resolver (LocalLoraModelLoader reads the
+        # roots): vLLM's own, which the plugin turns on with roots, stays off in replicas.
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "0"
         if cpu:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
         router = RequestRouterConfig(
@@ -258,16 +262,36 @@ class LocalLoraModelLoader(LoraModelLoader):
             )
         elif llm_config.lora_config.dynamic_lora_loading_path:
             disk = await super().load_model_from_config(lora_model_id, llm_config)
-        else:
-            raise OpenAIHTTPException(
-                404,
-                f"unknown adapter {name!r}; this deployment serves {sorted(self._adapters)}",
-                "NotFoundError",
+        elif (path := _in_roots(name, get_config().adapter_roots)) is not None:
+            disk = DiskMultiplexConfig(
+                model_id=lora_model_id,
+                max_total_tokens=llm_config.max_request_context_length,
+                local_path=path,
+                lora_assigned_int_id=global_id_manager.next(),
             )
+        else:
+            raise _unknown_adapter(name, self._adapters, get_config().adapter_roots)
         adapter = ResidentAdapter(**disk.model_dump())
         await self._admit(adapter)
         adapter._on_evict = self._on_evict
         return adapter
+
+
+def _unknown_adapter(name: str, known: Iterable[str], roots: Sequence[str]) -> Exception:
+    where = f" nor in the adapter roots {list(roots)}" if roots else ""
+    message = f"unknown adapter {name!r}: not among {sorted(known)}{where}"
+    return OpenAIHTTPException(404, message, "NotFoundError")
+
+
+def _in_roots(name: str, roots: Sequence[str]) -> str | None:
+    """The adapter roots' folder for `name` (as the vLLM server's resolver finds it), None
+    where no root has it; a name leading outside the roots is a 403, a null byte a 400."""
+    try:
+        return find_adapter_folder(name, roots)
+    except AdapterPathRefusedError as e:
+        raise OpenAIHTTPException(403, str(e), "PermissionDenied") from e
+    except ValueError as e:
+        raise OpenAIHTTPException(400, str(e), "BadRequestError") from e
 
 
 def _engine_internals(engine: Any) -> tuple[Any, Any]:
@@ -460,17 +484,21 @@ class FloraIngress(OpenAiIngress):
         model_cards: dict[str, ModelCard],
         *,
         adapters: Mapping[str, Mapping[str, str]] | None = None,
+        adapter_roots: Mapping[str, Sequence[str]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(llm_deployments, model_cards, **kwargs)
         self._adapters = {base: dict(names) for base, names in (adapters or {}).items()}
+        # bases whose replicas serve adapters from roots (a filesystem every node sees)
+        self._roots = {base: list(r) for base, r in (adapter_roots or {}).items() if r}
+        self._resolving = list(self._roots)
 
     def _full_id(self, model: str | None) -> str | None:
         """`<adapter>` -> `<base>:<adapter>` (Serve's multiplexed id, and vLLM's adapter name)."""
         if model is None or model in self._model_cards or ":" in model:
             return model
         bases = [b for b, names in self._adapters.items() if model in names]
-        bases = bases or list(self._lora_paths)  # maybe a cloud adapter
+        bases = bases or list(self._lora_paths) or self._resolving  # a cloud / roots adapter
         return f"{bases[0]}:{model}" if len(bases) == 1 else model
 
     async def _get_model_id(self, model: str | None) -> str:
@@ -479,7 +507,20 @@ class FloraIngress(OpenAiIngress):
             served = [*self._model_cards, *(n for a in self._adapters.values() for n in a)]
             message = f"model {model!r} is not served here; models: {served}"
             raise OpenAIHTTPException(404, message, "NotFoundError")
+        if full is not None:
+            self._check_adapter(full)
         return await super()._get_model_id(full)
+
+    def _check_adapter(self, full: str) -> None:
+        """Refuse here an adapter no replica could load (unknown, outside or missing from the
+        roots), before Serve routes it: a name Serve's multiplexing has seen stays in its
+        state, and clients choose the names."""
+        base, _, name = full.partition(":")
+        if not name or name in self._adapters.get(base, {}) or base in self._lora_paths:
+            return
+        roots = self._roots.get(base, [])
+        if _in_roots(name, roots) is None:
+            raise _unknown_adapter(name, self._adapters.get(base, {}), roots)
 
     async def _get_response(self, *, body: Any, call_method: str, raw_request: Any = None):
         body.model = self._full_id(body.model)  # vLLM knows the adapter by the full id
@@ -501,9 +542,19 @@ class FloraIngress(OpenAiIngress):
         return await super().model(model_id)
 
     async def models(self) -> Any:
+        """The base models, their adapters, and adapters some replica loaded from the roots."""
         listing = await super().models()
         for base, names in self._adapters.items():
             listing.data += [self._adapter_card(name, base, name) for name in names]
+        if self._resolving:
+            resident = {m for r in await self._every_replica("flora_stats")
+                        for m in r["serve_resident"]}
+            for full in sorted(resident):
+                base, _, name = full.partition(":")
+                if name not in self._adapters.get(base, {}):
+                    card = self._model_cards[base]
+                    meta = {**card.metadata, "parent": base, "model_id": full}
+                    listing.data.append(card.model_copy(update={"id": name, "metadata": meta}))
         return listing
 
     async def _every_replica(self, method: str) -> list[dict[str, Any]]:
@@ -547,13 +598,14 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     """Adapter requests go to a replica holding the adapter unless it is overloaded; the rest,
     and base requests, to the least-loaded replica (fewest adapters on ties)."""
 
-    def initialize_state(self, imbalanced_threshold: int = 16, sticky_s: float = 5.0) -> None:
+    def initialize_state(self, imbalanced_threshold: int = 16, sticky_s: float = 60.0) -> None:
         self._imbalanced_threshold = imbalanced_threshold
-        # Replicas report their adapters every 0.1 s through the controller; until the report
-        # arrives, remember where we just sent an adapter so its next requests follow it.
+        # Replicas report their adapters through the controller, late on a busy machine; until
+        # the replica we sent an adapter to reports it, its next requests follow it there.
+        # sticky_s only bounds that for an adapter never reported (its load failed).
         self._sticky_s = sticky_s
-        # Oldest first; entries older than sticky_s are useless and pruned as new ones come, and
-        # never more than RECENT_MAX are kept (clients choose the names: `base:<anything>`).
+        # Oldest first; entries are dropped once reported, when older than sticky_s, and never
+        # more than RECENT_MAX are kept (clients choose the names: `base:<anything>`).
         self._recent: collections.OrderedDict[str, tuple[ReplicaID, float]] = (
             collections.OrderedDict()
         )
@@ -575,13 +627,17 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
 
     def _held(self) -> dict[ReplicaID, set[str]]:
         """Adapters per replica as reported, plus, for adapters no replica reports yet, where
-        we sent one in the last `sticky_s`."""
+        we last sent one (until its replica reports it)."""
         held = {rid: set(r.multiplexed_model_ids) for rid, r in self._replicas.items()}
         reported = set().union(*held.values())
-        now = time.monotonic()
+        now, caught_up = time.monotonic(), []
         for model_id, (rid, at) in self._recent.items():
-            if model_id not in reported and now - at < self._sticky_s and rid in held:
+            if model_id in held.get(rid, ()):
+                caught_up.append(model_id)  # its replica's report has it: trust reports now
+            elif model_id not in reported and now - at < self._sticky_s and rid in held:
                 held[rid].add(model_id)
+        for model_id in caught_up:
+            del self._recent[model_id]
         return held
 
     async def choose_replicas(
@@ -659,6 +715,7 @@ def build_app(cfg: FloraServeConfig) -> Application:
         model_cards={base: to_model_metadata(base, llm_config)},
         lora_paths=lora_paths,
         adapters={base: cfg.adapters},
+        adapter_roots={base: cfg.adapter_roots},
     )
 
 
