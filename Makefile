@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: setup test test-slow test-ray lint demo demo-tiny demo-adapters clean
+.PHONY: setup test test-slow test-ray test-image lint demo demo-tiny demo-adapters clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,13 @@ test-ray: setup
 ## Long end-to-end runs (excluded from `make test`).
 test-slow: setup
 	$(PY) -m pytest -m slow
+
+## Build docker/Dockerfile.cpu with podman on a local Debian base (debootstrap, no registry),
+## serve a FLoRA adapter from the image and check it against the dense model. Needs root.
+test-image: setup
+	command -v podman >/dev/null && command -v debootstrap >/dev/null || { \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y podman debootstrap; }
+	$(PY) -m pytest -m slow -s tests/test_image.py
 
 ## SmolLM2-135M-Instruct with 3 trained FLoRA adapters and 1 LoRA: serve, ask, print, score.
 demo: setup
