@@ -253,22 +253,19 @@ class LocalLoraModelLoader(LoraModelLoader):
         self, lora_model_id: str, llm_config: LLMConfig
     ) -> DiskMultiplexConfig:
         name = get_lora_id(lora_model_id)
-        if name in self._adapters:
-            disk = DiskMultiplexConfig(
-                model_id=lora_model_id,
-                max_total_tokens=llm_config.max_request_context_length,
-                local_path=self._adapters[name],
-                lora_assigned_int_id=global_id_manager.next(),
-            )
-        elif llm_config.lora_config.dynamic_lora_loading_path:
-            disk = await super().load_model_from_config(lora_model_id, llm_config)
-        elif (path := _in_roots(name, get_config().adapter_roots)) is not None:
+        dynamic = llm_config.lora_config.dynamic_lora_loading_path  # never with roots (config)
+        path = self._adapters.get(name)
+        if path is None and not dynamic:
+            path = _in_roots(name, get_config().adapter_roots)
+        if path is not None:
             disk = DiskMultiplexConfig(
                 model_id=lora_model_id,
                 max_total_tokens=llm_config.max_request_context_length,
                 local_path=path,
                 lora_assigned_int_id=global_id_manager.next(),
             )
+        elif dynamic:
+            disk = await super().load_model_from_config(lora_model_id, llm_config)
         else:
             raise _unknown_adapter(name, self._adapters, get_config().adapter_roots)
         adapter = ResidentAdapter(**disk.model_dump())
@@ -491,14 +488,13 @@ class FloraIngress(OpenAiIngress):
         self._adapters = {base: dict(names) for base, names in (adapters or {}).items()}
         # bases whose replicas serve adapters from roots (a filesystem every node sees)
         self._roots = {base: list(r) for base, r in (adapter_roots or {}).items() if r}
-        self._resolving = list(self._roots)
 
     def _full_id(self, model: str | None) -> str | None:
         """`<adapter>` -> `<base>:<adapter>` (Serve's multiplexed id, and vLLM's adapter name)."""
         if model is None or model in self._model_cards or ":" in model:
             return model
         bases = [b for b, names in self._adapters.items() if model in names]
-        bases = bases or list(self._lora_paths) or self._resolving  # a cloud / roots adapter
+        bases = bases or list(self._lora_paths) or list(self._roots)  # a cloud / roots adapter
         return f"{bases[0]}:{model}" if len(bases) == 1 else model
 
     async def _get_model_id(self, model: str | None) -> str:
@@ -530,9 +526,12 @@ class FloraIngress(OpenAiIngress):
             yield response
 
     def _adapter_card(self, card_id: str, base: str, name: str) -> ModelCard:
+        """A card for an adapter of `base`; `root` only for adapters named at start-up (one
+        found in the roots lives wherever the replica that loaded it found it)."""
         card = self._model_cards[base]
         meta = {**card.metadata, "parent": base, "model_id": f"{base}:{name}"}
-        meta["root"] = self._adapters[base][name]
+        if name in self._adapters.get(base, {}):
+            meta["root"] = self._adapters[base][name]
         return card.model_copy(update={"id": card_id, "metadata": meta})
 
     async def model(self, model_id: str) -> ModelCard | None:
@@ -546,15 +545,13 @@ class FloraIngress(OpenAiIngress):
         listing = await super().models()
         for base, names in self._adapters.items():
             listing.data += [self._adapter_card(name, base, name) for name in names]
-        if self._resolving:
+        if self._roots:
             resident = {m for r in await self._every_replica("flora_stats")
                         for m in r["serve_resident"]}
             for full in sorted(resident):
                 base, _, name = full.partition(":")
                 if name not in self._adapters.get(base, {}):
-                    card = self._model_cards[base]
-                    meta = {**card.metadata, "parent": base, "model_id": full}
-                    listing.data.append(card.model_copy(update={"id": name, "metadata": meta}))
+                    listing.data.append(self._adapter_card(name, base, name))
         return listing
 
     async def _every_replica(self, method: str) -> list[dict[str, Any]]:

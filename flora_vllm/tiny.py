@@ -182,15 +182,22 @@ def make_flora_adapter(
     """A random FLoRA adapter near identity: A, B = 1 + spread·N(0, 1) on every target module."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    gen = torch.Generator().manual_seed(seed)
-    factors = {}
-    for path, (out_f, in_f) in linear_shapes(model, targets).items():
-        a = 1.0 + spread * torch.randn(rank, in_f, generator=gen)
-        b = 1.0 + spread * torch.randn(out_f, rank, generator=gen)
-        factors[path] = (a, b)
+    shapes = linear_shapes(AutoModelForCausalLM.from_pretrained(model_dir), targets)
+    factors = _random_factors(shapes, rank, seed, spread)
     save_adapter(out_dir, factors, rank, flora_alpha, base_model_name_or_path=model_dir)
     return out_dir
+
+
+def _random_factors(
+    shapes: dict[str, tuple[int, int]], rank: int, seed: int, spread: float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A, B = 1 + spread·N(0, 1) per module, drawn in module order from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        path: (1.0 + spread * torch.randn(rank, in_f, generator=gen),
+               1.0 + spread * torch.randn(out_f, rank, generator=gen))
+        for path, (out_f, in_f) in shapes.items()
+    }
 
 
 def make_tenant_adapters(
@@ -204,13 +211,8 @@ def make_tenant_adapters(
     shapes = linear_shapes(AutoModelForCausalLM.from_pretrained(model_dir), targets)
     paths = {}
     for i, name in enumerate(names):
-        gen = torch.Generator().manual_seed(seed + i)
-        factors = {
-            path: (1.0 + spread * torch.randn(rank, in_f, generator=gen),
-                   1.0 + spread * torch.randn(out_f, rank, generator=gen))
-            for path, (out_f, in_f) in shapes.items()
-        }
         paths[name] = os.path.join(root, name)
+        factors = _random_factors(shapes, rank, seed + i, spread)
         save_adapter(paths[name], factors, rank, base_model_name_or_path=model_dir)
     return paths
 
