@@ -47,9 +47,9 @@ demo: setup
 demo-tiny: setup
 	$(VENV)/bin/flora-vllm demo --tiny
 
-## Retrain the shipped demo adapters (flora_vllm/demo_adapters/) with the project's trainer.
+## Retrain the shipped demo adapters (flora_vllm/demo/adapters/) with the project's trainer.
 demo-adapters: setup
-	$(PY) -m flora_vllm.demo
+	$(PY) -m flora_vllm.demo.run
 
 clean:
 	rm -rf $(VENV) demo_artifacts

@@ -1,6 +1,7 @@
 """Accuracy of FLoRA against LoRA and IA3 on synthetic tasks, with the base model frozen.
 
-A tiny LLaMA (`flora_vllm.tiny.build_llama`) is first pre-trained in full on "generic" skills
+A tiny LLaMA (`flora_vllm.testing.tiny.build_llama`) is first pre-trained in full on "generic"
+skills
 (follow permutation P0, copy a segment), then frozen; each method then trains only its adapter
 on each new task and is scored on held-out sequences (loss and next-token accuracy on the
 supervised positions only):
@@ -9,14 +10,17 @@ supervised positions only):
 - `copy-map`: x1..xn SEP f2(x1)..f2(xn)        (copying, seen in pre-training, plus a new map)
 - `reverse`:  x1..xn SEP xn..x1                (a new use of attention)
 
-Methods: FLoRA r=1 and r=4 (`flora_vllm.train`, merged form), LoRA r=1 and r=4 and IA3 (PEFT),
+Methods: FLoRA r=1 and r=4 (`flora_vllm.training.train`, merged form), LoRA r=1 and r=4 and IA3
+(PEFT),
 each with AdamW at the same learning rate(s); the full run picks each method's learning rate on
 a validation split. This is a small, synthetic check that FLoRA trains as well as the usual
 adapters at equal rank on one tiny random model, not a reproduction of the paper's results.
 
 Then (`--serve`, the default; `--no-serve` skips it) every trained FLoRA adapter is saved in the
-adapter folder format (`flora_vllm.train.save`) and served, with the frozen base, by ONE vLLM
-OpenAI server (`flora_vllm.server.ServerProcess`, the plugin loaded by vLLM); the first `n_serve`
+adapter folder format (`flora_vllm.training.train.save`) and served, with the frozen base, by ONE
+vLLM
+OpenAI server (`flora_vllm.serving.server.ServerProcess`, the plugin loaded by vLLM); the first
+`n_serve`
 held-out sequences of every task are scored through it (`prompt_logprobs`: the log-probability
 and rank of every prompt token) and must reproduce the trainer's loss (to 1e-3) and accuracy
 (position by position, except where the trainer's top two tokens are within 1e-3: near-ties).
@@ -55,8 +59,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # run as a plain script from a repo checkout
 
 from benchmarks import common  # noqa: E402
-from flora_vllm.tiny import LLAMA_TARGETS, TinySpec, build_llama  # noqa: E402
-from flora_vllm.train import flora_layers, inject_flora, save  # noqa: E402
+from flora_vllm.testing.tiny import LLAMA_TARGETS, TinySpec, build_llama  # noqa: E402
+from flora_vllm.training.train import flora_layers, inject_flora, save  # noqa: E402
 
 N_SYMBOLS = 48  # task alphabet: token ids FIRST .. FIRST + N_SYMBOLS - 1
 FIRST = 2
@@ -450,7 +454,7 @@ def compare(case: ServeCase, answers: list[list]) -> dict:
 def vllm_server_args(adapters: dict[str, str], max_rank: int) -> list[str]:
     """The vLLM server arguments of the accuracy checks: float32, the base served as "base",
     `adapters` (served name -> folder) as LoRA modules, up to rank `max_rank`."""
-    from flora_vllm.server import lora_modules_args
+    from flora_vllm.serving.server import lora_modules_args
 
     return [
         "--served-model-name", "base",
@@ -480,7 +484,7 @@ def serve_and_score(
     score's result and the run's facts (server args, start / scoring / total seconds)."""
     from openai import OpenAI
 
-    from flora_vllm.server import ServerProcess
+    from flora_vllm.serving.server import ServerProcess
 
     adapters = {c.model: c.path for c in cases if c.path is not None}
     max_rank = max((c.rank for c in cases if c.rank is not None), default=1)

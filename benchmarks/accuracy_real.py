@@ -2,7 +2,7 @@
 
 Why: the FLoRA paper claims FLoRA keeps LoRA's quality at equal rank. `accuracy.py` checks that
 on a tiny synthetic model; this script checks it on a real pre-trained LLaMA
-(SmolLM2-135M-Instruct, `flora_vllm.fetch.fetch_model("smollm2")`, fp32, frozen) with three
+(SmolLM2-135M-Instruct, `flora_vllm.demo.fetch.fetch_model("smollm2")`, fp32, frozen) with three
 small tasks scored by exact match of a short greedy completion, and checks that the adapters
 served through vLLM score exactly what the trainer scores.
 
@@ -15,9 +15,11 @@ the target; train / validation / test disjoint):
 - `zorbish`: "zorbish: big dog ->" -> " sorq morp"  (a made-up 30-word code; test word pairs never
              in training, every word seen in training)
 
-Methods (`benchmarks.accuracy.adapted_model`): FLoRA r=1 and r=4 (`flora_vllm.train`, merged
+Methods (`benchmarks.accuracy.adapted_model`): FLoRA r=1 and r=4 (`flora_vllm.training.train`,
+merged
 form), LoRA r=1 and r=4 (PEFT, alpha = 2r) and IA3 (PEFT), all trained by the same loop
-(`flora_vllm.train.train`: AdamW, loss on the completion only) on the same examples in the same
+(`flora_vllm.training.train.train`: AdamW, loss on the completion only) on the same examples in the
+same
 order for the same number of steps. Each method's learning rate is picked from three candidates
 by mean validation exact match over the tasks (ties: lower validation loss; validation exact match
 is teacher-forced: every completion token is the argmax, which is what greedy decoding produces);
@@ -25,7 +27,7 @@ the chosen learning rate's adapters are then scored on the test split: exact mat
 completion (transformers `generate`, do_sample=False) and mean completion-token loss.
 
 Served = trainer: the chosen FLoRA and LoRA adapters (and the base) are served by ONE vLLM server
-(`flora_vllm.server.ServerProcess`, float32) and every test prompt is (a) completed greedily
+(`flora_vllm.serving.server.ServerProcess`, float32) and every test prompt is (a) completed greedily
 through it (served exact match must equal the trainer's; every differing answer is listed, with
 the trainer's top-2 gap where the two diverge) and (b) scored with `prompt_logprobs` (served loss
 must equal the trainer's to 1e-3). vLLM cannot serve IA3 adapters: IA3 is trainer-only.
@@ -72,7 +74,7 @@ from benchmarks.accuracy import (  # noqa: E402
     prompt_logprobs,
     serve_and_score,
 )
-from flora_vllm.train import save, train  # noqa: E402
+from flora_vllm.training.train import save, train  # noqa: E402
 
 TASKS = ("add", "reverse", "zorbish")
 # Common words, each one token (with its leading space) in SmolLM2's tokenizer.
@@ -323,7 +325,7 @@ def run(cfg: Config, workdir: str, log: Callable[[str], None] = print) -> dict:
     adapters (and the base) on test; saves the chosen FLoRA / LoRA adapters under workdir."""
     from transformers import AutoTokenizer
 
-    from flora_vllm.fetch import fetch_model
+    from flora_vllm.demo.fetch import fetch_model
 
     base_dir = fetch_model("smollm2")
     tok = AutoTokenizer.from_pretrained(base_dir)

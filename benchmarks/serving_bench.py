@@ -10,8 +10,8 @@ Modes, per adapter count N and rank r (each request picks one of the mode's adap
 seeded by --seed, through the benchmark's `--lora-modules` / `--lora-assignment random`):
 
     base   the model alone, on a server started WITHOUT LoRA support (the true vLLM baseline)
-    lora   N distinct PEFT LoRA adapters of rank r   (flora_vllm.tiny.make_lora_adapter)
-    flora  N distinct FLoRA adapters of rank r       (flora_vllm.tiny.make_flora_adapter)
+    lora   N distinct PEFT LoRA adapters of rank r   (flora_vllm.testing.tiny.make_lora_adapter)
+    flora  N distinct FLoRA adapters of rank r       (flora_vllm.testing.tiny.make_flora_adapter)
     mixed  N//2 FLoRA + (N - N//2) LoRA adapters of rank r (N >= 2)
 
 Each server gets `--max-lora-rank` = the smallest value vLLM allows >= r (1, 8, 16, 32, ...:
@@ -23,7 +23,7 @@ run's adapters are warmed up (one request each) before it is measured. `--flora-
 reaches the FLoRA layers as the env var FLORA_EXECUTION.
 
 The default model is a random LLaMA of about 120M parameters (hidden 1024, 16 heads of 64,
-8 layers, MLP 2816: the proportions of Llama-2-7B) built locally with flora_vllm.tiny. Its
+8 layers, MLP 2816: the proportions of Llama-2-7B) built locally with flora_vllm.testing.tiny. Its
 vocabulary is 8192: a 32000-row LM head would weigh a third of a model this small (2% of
 Llama-2-7B), and the tiny tokenizer learns only 428 tokens from its few lines whatever size it
 is asked for (prompts use those; ids above them that the model emits detokenize to nothing,
@@ -59,8 +59,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from benchmarks import common  # noqa: E402
-from flora_vllm import tiny  # noqa: E402
-from flora_vllm.server import ServerProcess, lora_modules_args  # noqa: E402
+from flora_vllm.testing import tiny  # noqa: E402
+from flora_vllm.serving.server import ServerProcess, lora_modules_args  # noqa: E402
 
 # ---- Config ------------------------------------------------------------------------------------
 MODES = ("base", "base-lora", "lora", "flora", "mixed")
@@ -412,7 +412,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--arch", default="llama", choices=list(MODEL_SPECS))
     ap.add_argument("--tiny", action="store_true",
-                    help="flora_vllm.tiny's default TinySpec (hidden 256): tests, seconds to start")
+                    help="testing.tiny's default TinySpec (hidden 256): tests, seconds to start")
     ap.add_argument("--model", help="an existing HF model folder of --arch instead of a random one")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--ranks", nargs="+", type=int, default=list(RANKS))

@@ -2,7 +2,7 @@
 
 Measured by vLLM's own serving benchmark (`serving_bench.vllm_bench`, the code behind `vllm bench
 serve`) against real vLLM servers this script starts, with adapters served from a folder on
-first use (`--adapter-root`, `flora_vllm.resolver`): nothing is named at start-up.
+first use (`--adapter-root`, `flora_vllm.serving.resolver`): nothing is named at start-up.
 
 1. Distinct adapters per step, D in --distinct: --concurrency requests in flight, adapters
    assigned round-robin over D, so every step holds D distinct adapters (C/D requests each);
@@ -50,8 +50,8 @@ from benchmarks.serving_bench import (  # noqa: E402
     vllm_bench,
     warm_up,
 )
-from flora_vllm import tiny  # noqa: E402
-from flora_vllm.server import ServerProcess  # noqa: E402
+from flora_vllm.testing import tiny  # noqa: E402
+from flora_vllm.serving.server import ServerProcess  # noqa: E402
 
 WORKDIR = os.path.join(REPO_ROOT, "benchmarks", ".work")
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
@@ -126,7 +126,7 @@ def cold_starts(server: ServerProcess, names: list[str]) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="flora_vllm.tiny's default model (tests)")
+    ap.add_argument("--tiny", action="store_true", help="testing.tiny's default model (tests)")
     ap.add_argument("--distinct", nargs="+", type=int, default=[1, 16, 64, 256])
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--prompts-per-run", type=int, default=512)

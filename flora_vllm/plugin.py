@@ -44,7 +44,7 @@ def register() -> None:
         return
     get_config()  # a bad FLORA_* setting fails here, at start-up, in every process
     apply_hooks()
-    from flora_vllm.resolver import register_resolver
+    from flora_vllm.serving.resolver import register_resolver
 
     register_resolver()  # with adapter roots: unknown model names served from them
     # Stock 0.29 runs GPTBigCode through its Transformers backend, where no LoRA layer wraps

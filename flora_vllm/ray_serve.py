@@ -66,11 +66,11 @@ from ray.serve.request_router import (
 )
 from starlette.responses import Response
 
-from flora_vllm import metrics
-from flora_vllm.access import AdapterPathRefusedError, ApiKeyMiddleware, find_adapter_folder
 from flora_vllm.config import get_config
 from flora_vllm.lifecycle import ADAPTERS
-from flora_vllm.server import DEFAULT_ENV
+from flora_vllm.serving import metrics
+from flora_vllm.serving.access import AdapterPathRefusedError, ApiKeyMiddleware, find_adapter_folder
+from flora_vllm.serving.server import DEFAULT_ENV
 from flora_vllm.vllm_hooks import (
     AFTER_RELEASE,
     pin_adapter,
@@ -137,7 +137,7 @@ class FloraServeConfig:
         if bad:
             problems.append(f"adapter names {bad} contain ':' or equal the base model's name")
         if self.adapter_roots:
-            from flora_vllm.access import AdapterPathRefusedError, check_adapter_path
+            from flora_vllm.serving.access import AdapterPathRefusedError, check_adapter_path
 
             self.adapter_roots = [os.path.realpath(r) for r in self.adapter_roots]
             problems += [f"adapter root {r!r} is not a directory"
@@ -434,7 +434,7 @@ class FloraLLMServer(LLMServer):
         }
 
     async def flora_metrics(self) -> dict[str, Any]:
-        """This replica's per-adapter Prometheus samples (`flora_vllm.metrics`), gauges fresh."""
+        """This replica's per-adapter Prometheus samples (`serving.metrics`), gauges fresh."""
         await refresh_live_gauges(*reversed(_engine_internals(self.engine)))
         replica = serve.get_replica_context().replica_id.unique_id
         return {"replica": replica, "metrics": metrics.snapshot()}

@@ -25,7 +25,7 @@ HOOKS with the reason; `patches/` holds the same changes as diffs against vLLM's
   in use; stock vLLM keeps one for every name a client ever sent (with runtime loading on, each
   unknown `model` name adds one, forever).
 - `OpenAIServingModels.resolve_lora`, `BaseServing._check_model`: with adapter roots, an
-  unknown `model` name is served from `<root>/<name>` (`flora_vllm.resolver`, registered in
+  unknown `model` name is served from `<root>/<name>` (`flora_vllm.serving.resolver`, registered in
   vLLM's `LoRAResolverRegistry`) through `load_lora_adapter`'s checks; its 403 / 400 / 503 keep
   their code and reason (stock vLLM turns all but a 400 into a 404, and says only "could not be
   loaded").
@@ -40,7 +40,7 @@ HOOKS with the reason; `patches/` holds the same changes as diffs against vLLM's
   `.step_with_batch_queue`: defense in depth in the engine core: a removal waits while the
   scheduler holds a request of that id; a request arriving with a removed id fails alone.
 - `OutputProcessor._update_stats_from_finished`, `OutputProcessor.abort_requests`: per-adapter
-  Prometheus metrics (`flora_vllm.metrics`).
+  Prometheus metrics (`flora_vllm.serving.metrics`).
 - `punica_base.convert_mapping` (vectorized: Python work per distinct adapter, not per token),
   `PunicaWrapperBase.update_metadata` (the step's tokens per slot, on the host, once), and
   `LogitsProcessorWithLoRA` (`set_lora` / `reset_lora` / `_get_logits`: the lm_head LoRA only
@@ -79,8 +79,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from flora_vllm import metrics
-from flora_vllm.access import AdapterPathRefusedError, ApiKeyMiddleware, check_adapter_path
 from flora_vllm.adapter import (
     PEFT_TYPE,
     AdapterResourcesError,
@@ -92,6 +90,8 @@ from flora_vllm.adapter import (
 from flora_vllm.config import get_config
 from flora_vllm.lifecycle import ADAPTERS
 from flora_vllm.ops.torch_ops import factor_dtype
+from flora_vllm.serving import metrics
+from flora_vllm.serving.access import AdapterPathRefusedError, ApiKeyMiddleware, check_adapter_path
 
 logger = logging.getLogger("flora_vllm")
 
@@ -972,8 +972,8 @@ def _bounded_locks(models: Any) -> None:
 
 
 def _folder_resolver(models: Any) -> Any:
-    """The plugin's adapter-roots resolver among vLLM's, if registered (`flora_vllm.resolver`)."""
-    from flora_vllm.resolver import AdapterFolderResolver
+    """The plugin's adapter-roots resolver among vLLM's, if registered (`serving.resolver`)."""
+    from flora_vllm.serving.resolver import AdapterFolderResolver
 
     return next((r for r in models.lora_resolvers if isinstance(r, AdapterFolderResolver)), None)
 

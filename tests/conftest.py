@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
 # test, one thread is several times faster than two (the servers set their own threads).
 torch.set_num_threads(1)
 
-from flora_vllm.server import ServerProcess, lora_modules_args  # noqa: E402
-from flora_vllm.tiny import build_demo_set  # noqa: E402
+from flora_vllm.serving.server import ServerProcess, lora_modules_args  # noqa: E402
+from flora_vllm.testing.tiny import build_demo_set  # noqa: E402
 
 ADAPTERS = ("flora-r1", "flora-r2", "flora-r4", "flora-r8", "lora-r8")
 

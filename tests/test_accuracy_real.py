@@ -103,7 +103,7 @@ def test_exact_match_reads_up_to_the_first_newline() -> None:
 
 
 def _cached_tokenizer():
-    from flora_vllm.fetch import MODELS, cache_dir
+    from flora_vllm.demo.fetch import MODELS, cache_dir
 
     path = os.path.join(cache_dir(), MODELS["smollm2"].folder)
     if not os.path.exists(os.path.join(path, "tokenizer.json")):

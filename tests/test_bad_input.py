@@ -66,7 +66,7 @@ from malformed import (
     write,
 )
 
-from flora_vllm.tiny import LLAMA_TARGETS, make_flora_adapter
+from flora_vllm.testing.tiny import LLAMA_TARGETS, make_flora_adapter
 
 REFUSED = "outside the allowed adapter roots"  # the 403 message of the allowed-roots check
 NOT_FOUND = "No adapter found"

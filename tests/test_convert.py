@@ -1,4 +1,4 @@
-"""LoRA -> FLoRA conversion (`flora_vllm.convert`): a LoRA whose ΔW is exactly a rank-1
+"""LoRA -> FLoRA conversion (`flora_vllm.training.convert`): a LoRA whose ΔW is exactly a rank-1
 multiplicative change converts with ~0 error and gives the LoRA's logits; a random LoRA gets a
 finite error in (0, 1] for every module; unsupported LoRA features are all listed at once."""
 
@@ -14,14 +14,20 @@ from reference import load_reference
 from transformers import AutoModelForCausalLM
 
 from flora_vllm.adapter import load_adapter
-from flora_vllm.convert import (
+from flora_vllm.testing.tiny import (
+    LLAMA_TARGETS,
+    TinySpec,
+    build_llama,
+    linear_shapes,
+    make_lora_adapter,
+)
+from flora_vllm.training.convert import (
     REPORT_NAME,
     LoRAConversionError,
     convert_lora_to_flora,
     fit_flora,
     main,
 )
-from flora_vllm.tiny import LLAMA_TARGETS, TinySpec, build_llama, linear_shapes, make_lora_adapter
 
 # hidden 64 (one head of 64: vLLM's CPU attention needs head_dim 64): every ΔW has rank <= 64.
 SPEC = TinySpec(hidden=64, heads=1, kv_heads=1, layers=2, intermediate=128)

@@ -8,15 +8,15 @@ import os
 
 import pytest
 
-from flora_vllm import demo
-from flora_vllm.demo_data import (
+from flora_vllm.demo import run as demo
+from flora_vllm.demo.data import (
     BEHAVIOURS,
     SIGNOFF,
     addition_pairs,
     first_sentence,
     general_questions,
 )
-from flora_vllm.fetch import fetch_model
+from flora_vllm.demo.fetch import fetch_model
 
 CHECKS = {b.name: b.check for b in BEHAVIOURS}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flora_vllm import vllm_hooks
-from flora_vllm.tiny import make_flora_adapter
+from flora_vllm.testing.tiny import make_flora_adapter
 
 
 def test_version_drift_fails_loudly(monkeypatch):
@@ -149,7 +149,7 @@ def test_flora_vllm_serve_refuses_another_vllm(monkeypatch):
 
     import vllm
 
-    from flora_vllm import server
+    from flora_vllm.serving import server
 
     monkeypatch.setattr(vllm, "__version__", "0.30.1")
     monkeypatch.delenv("FLORA_DISABLE", raising=False)
@@ -163,7 +163,7 @@ def test_metrics_scrape_survives_unreadable_gauges(monkeypatch):
     once per kind, not a 500 per scrape."""
     import asyncio
 
-    from flora_vllm import metrics
+    from flora_vllm.serving import metrics
 
     class BrokenEngine:
         @property

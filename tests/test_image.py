@@ -268,7 +268,7 @@ def test_cpu_image_builds_and_serves_flora_like_the_dense_model(tmp_path):
 
     # The model and adapter are made on the host, and copied into the container's root at the
     # same absolute paths (the adapter's config names the model's folder).
-    from flora_vllm.tiny import LLAMA_TARGETS, build_llama, make_flora_adapter
+    from flora_vllm.testing.tiny import LLAMA_TARGETS, build_llama, make_flora_adapter
 
     model = build_llama(str(tmp_path / "model"))
     adapter = make_flora_adapter(model, str(tmp_path / "flora-r1"), 1, LLAMA_TARGETS, 10)

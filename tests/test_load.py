@@ -22,8 +22,8 @@ import pytest
 import torch
 from reference import load_reference, token_logprobs
 
-from flora_vllm.server import ServerProcess, lora_modules_args
-from flora_vllm.tiny import LLAMA_TARGETS, make_flora_adapter
+from flora_vllm.serving.server import ServerProcess, lora_modules_args
+from flora_vllm.testing.tiny import LLAMA_TARGETS, make_flora_adapter
 from flora_vllm.vllm_hooks import HOLD_DIR_ENV
 
 TOL = 1e-3  # log-probability, float32

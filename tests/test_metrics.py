@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from flora_vllm import metrics
+from flora_vllm.serving import metrics
 
 
 def _adapters_in(family) -> set[str]:

@@ -17,13 +17,13 @@ from conftest import serve
 from openai import OpenAI, PermissionDeniedError
 from prometheus_client.parser import text_string_to_metric_families
 
-from flora_vllm.access import (
+from flora_vllm.serving.access import (
     REFUSED,
     AdapterPathRefusedError,
     check_adapter_path,
     find_adapter_folder,
 )
-from flora_vllm.server import ServerProcess
+from flora_vllm.serving.server import ServerProcess
 
 KEY = "test-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -164,8 +164,8 @@ def test_resolver_registered_with_roots_only(tmp_path, monkeypatch, runtime, reg
     runtime loading on unless it was switched off explicitly."""
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from flora_vllm import resolver
     from flora_vllm.config import get_config
+    from flora_vllm.serving import resolver
 
     monkeypatch.setattr(LoRAResolverRegistry, "resolvers", {})
     for env in ("FLORA_ADAPTER_ROOTS", resolver.RUNTIME_ENV):

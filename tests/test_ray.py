@@ -136,8 +136,8 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     from ray import serve
 
     from flora_vllm import ray_serve
-    from flora_vllm.server import free_port
-    from flora_vllm.tiny import (
+    from flora_vllm.serving.server import free_port
+    from flora_vllm.testing.tiny import (
         LLAMA_TARGETS,
         build_demo_set,
         make_flora_adapter,

@@ -336,8 +336,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeApp]:
     from ray import serve
 
     from flora_vllm import ray_serve
-    from flora_vllm.server import free_port
-    from flora_vllm.tiny import build_demo_set
+    from flora_vllm.serving.server import free_port
+    from flora_vllm.testing.tiny import build_demo_set
 
     paths = build_demo_set(str(tmp_path_factory.mktemp("ray_nodes") / "llama"), "llama")
     refs = {m: load_reference(paths["base"], None if m == BASE else paths[m]) for m in MODELS}

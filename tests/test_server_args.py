@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from flora_vllm.server import runtime_loading, server_argv, split_flora_flags
+from flora_vllm.serving.server import runtime_loading, server_argv, split_flora_flags
 
 
 def test_defaults_fill_only_missing_flags():
@@ -54,7 +54,7 @@ def test_runtime_loading_only_behind_a_key_or_roots(tmp_path):
 
 
 def test_cpu_ranks_get_their_own_cores_unless_the_user_bound_them():
-    from flora_vllm.server import OMP_BIND_ENV, cpu_parallel_env
+    from flora_vllm.serving.server import OMP_BIND_ENV, cpu_parallel_env
 
     assert cpu_parallel_env(["--model", "m"], {}, cpus=[0, 1]) == ({}, None)  # one rank
     env, msg = cpu_parallel_env(["--tensor-parallel-size", "2"], {}, cpus=[0, 1])

@@ -11,7 +11,7 @@ from conftest import ADAPTERS, serve
 from openai import OpenAI
 from reference import ask_logprobs, load_reference, token_logprobs
 
-from flora_vllm.server import ServerProcess
+from flora_vllm.serving.server import ServerProcess
 
 TOL = 1e-3  # log-probability, float32
 MAX_TOKENS = 8
@@ -137,7 +137,7 @@ def test_mixed_batch_tensor_parallel_2(arch, model_sets, tmp_path):
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
 def test_mixed_batch_llama_family(arch, tmp_path):
     """Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Mistral: the same layers, the same oracle."""
-    from flora_vllm.tiny import build_demo_set
+    from flora_vllm.testing.tiny import build_demo_set
 
     paths = build_demo_set(str(tmp_path / arch), arch)
     with serve(paths, len(ADAPTERS), str(tmp_path / "server.log")) as server:
@@ -158,7 +158,7 @@ def test_pipeline_parallel_with_adapters_is_refused_at_start(model_sets, tmp_pat
 @pytest.mark.slow
 def test_starcoder_without_multi_query(tmp_path):
     """GPTBigCode with per-head k/v (c_attn rows interleaved per head in the checkpoint)."""
-    from flora_vllm.tiny import build_demo_set
+    from flora_vllm.testing.tiny import build_demo_set
 
     paths = build_demo_set(str(tmp_path / "mha"), "starcoder-mha")
     with serve(paths, len(ADAPTERS), str(tmp_path / "server.log")) as server:

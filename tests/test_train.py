@@ -1,4 +1,5 @@
-"""FLoRA training (`flora_vllm.train`): identity start, the per-example batched form against a
+"""FLoRA training (`flora_vllm.training.train`): identity start, the per-example batched form
+against a
 dense per-example oracle, a loss that falls, and a saved folder that the dense reference, and
 (slow test) vLLM's real server, read back to the training model's numbers."""
 
@@ -15,8 +16,8 @@ from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flora_vllm.adapter import load_adapter
-from flora_vllm.tiny import _CORPUS, LLAMA_TARGETS, build_llama, linear_shapes
-from flora_vllm.train import (
+from flora_vllm.testing.tiny import _CORPUS, LLAMA_TARGETS, build_llama, linear_shapes
+from flora_vllm.training.train import (
     FLoRALinear,
     encode,
     flora_layers,
@@ -250,7 +251,7 @@ def test_trained_adapter_served_by_vllm(tiny_llama, tmp_path):
     model's (the model object the optimizer just updated) to 1e-3."""
     from openai import OpenAI
 
-    from flora_vllm.server import ServerProcess, lora_modules_args
+    from flora_vllm.serving.server import ServerProcess, lora_modules_args
 
     torch.manual_seed(0)
     model = _load(tiny_llama)
@@ -300,7 +301,7 @@ def test_trained_adapter_served_by_vllm(tiny_llama, tmp_path):
 def test_prompt_completion_examples_learn_only_the_completion(tiny_llama, tmp_path):
     """A (prompt, completion) pair is one text whose prompt positions carry no loss; a JSONL
     file gives such pairs; a model without an adapter is refused (it would train the base)."""
-    from flora_vllm.train import load_texts
+    from flora_vllm.training.train import load_texts
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     prompt, completion = "def add(a, b):", "\n    return a + b\n"

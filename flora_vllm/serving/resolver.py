@@ -16,9 +16,9 @@ import os
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-from flora_vllm.access import find_adapter_folder
 from flora_vllm.config import get_config
-from flora_vllm.server import RUNTIME_ENV  # vLLM resolves unknown names only with it on
+from flora_vllm.serving.access import find_adapter_folder
+from flora_vllm.serving.server import RUNTIME_ENV  # vLLM resolves unknown names only with it on
 
 logger = logging.getLogger("flora_vllm")
 NAME = "flora_vllm adapter roots"

@@ -18,8 +18,8 @@ def run_tiny_demo(workdir: str, archs: Sequence[str], max_tokens: int) -> int:
     answers (noise: the models are random; the tests' models)."""
     from openai import OpenAI
 
-    from flora_vllm.server import ServerProcess, lora_modules_args
-    from flora_vllm.tiny import build_demo_set
+    from flora_vllm.serving.server import ServerProcess, lora_modules_args
+    from flora_vllm.testing.tiny import build_demo_set
 
     for arch in archs:
         root = os.path.join(workdir, arch)
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--max-tokens", type=int, default=None)
 
     if argv[:1] == ["serve"]:
-        from flora_vllm.server import exec_server
+        from flora_vllm.serving.server import exec_server
 
         rest = argv[1:]
         if rest and not rest[0].startswith("-"):  # `serve MODEL ...` like `vllm serve`
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exec_server(rest)
         return 0  # not reached: exec replaces the process
     if argv[:1] == ["train"]:
-        from flora_vllm.train import main as train_main
+        from flora_vllm.training.train import main as train_main
 
         return train_main(argv[1:])
     if argv[:1] == ["ray-serve"]:
@@ -113,12 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return ray_main(argv[1:])
     if argv[:1] == ["convert"]:
-        from flora_vllm.convert import main as convert_main
+        from flora_vllm.training.convert import main as convert_main
 
         return convert_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "fetch-model":
-        from flora_vllm.fetch import FetchError, fetch_model
+        from flora_vllm.demo.fetch import FetchError, fetch_model
 
         try:
             print(fetch_model(args.name, args.cache, progress=lambda m: print(m, file=sys.stderr)))
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         archs = args.arch or ["llama", "starcoder"]
         return run_tiny_demo(os.path.join(args.workdir, "tiny"), archs, args.max_tokens or 12)
     if args.command == "demo":
-        from flora_vllm.demo import run_real_demo
+        from flora_vllm.demo.run import run_real_demo
 
         if args.arch:
             parser.error("--arch needs --tiny")

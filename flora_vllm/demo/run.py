@@ -1,9 +1,10 @@
 """`flora-vllm demo`: a real model (SmolLM2-135M-Instruct) served by vLLM with adapters trained by
 this project's trainer, each doing a job a person sees at a glance, scored on held-out questions.
 
-Runs in the CLI process: training (transformers + `flora_vllm.train`, or PEFT for the LoRA) and
-the OpenAI client; the vLLM server is a child process (`flora_vllm.server.ServerProcess`).
-The adapters for SmolLM2 ship in `flora_vllm/demo_adapters/` (made by `build_adapters`, see its
+Runs in the CLI process: training (transformers + `flora_vllm.training.train`, or PEFT for the
+LoRA) and
+the OpenAI client; the vLLM server is a child process (`flora_vllm.serving.server.ServerProcess`).
+The adapters for SmolLM2 ship in `flora_vllm/demo/adapters/` (made by `build_adapters`, see its
 MANIFEST.json); for any other model folder, or with `--retrain`, they are trained once into a
 cache. `--tiny` runs the random tiny models of the tests instead.
 """
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from flora_vllm.demo_data import (
+from flora_vllm.demo.data import (
     BEHAVIOURS,
     Behaviour,
     addition_pairs,
@@ -27,7 +28,7 @@ from flora_vllm.demo_data import (
     general_questions,
 )
 
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_adapters")
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adapters")
 MANIFEST = "MANIFEST.json"
 BASE_NAME = "smollm2"  # the served name of the base model
 RECIPE_VERSION = 1  # bump when data or recipes change: cached adapters are then retrained
@@ -85,12 +86,13 @@ def training_examples(
 
 
 def train_behaviour(model_dir: str, b: Behaviour, examples: list, out_dir: str) -> dict:
-    """Train one adapter (FLoRA with `flora_vllm.train`, LoRA with PEFT, the same loop) and save
+    """Train one adapter (FLoRA with `flora_vllm.training.train`, LoRA with PEFT, the same loop)
+    and save
     it in the format vLLM serves; returns its manifest entry."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flora_vllm.train import default_targets, inject_flora, save, train
+    from flora_vllm.training.train import default_targets, inject_flora, save, train
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -149,7 +151,7 @@ def build_adapters(model_dir: str, out_root: str, log: Callable[[str], None] = p
 
 
 def _is_smollm2(model_dir: str) -> bool:
-    from flora_vllm.fetch import MODELS
+    from flora_vllm.demo.fetch import MODELS
 
     return os.path.basename(os.path.normpath(model_dir)) == MODELS["smollm2"].folder
 
@@ -159,7 +161,7 @@ def adapters_for(model_dir: str, retrain: bool, cache: str | None, log=print) ->
     (or with `retrain`) trained once into the cache and reused."""
     if _is_smollm2(model_dir) and not retrain and os.path.exists(os.path.join(SHIPPED, MANIFEST)):
         return SHIPPED
-    from flora_vllm.fetch import cache_dir
+    from flora_vllm.demo.fetch import cache_dir
 
     key = hashlib.sha256(os.path.realpath(model_dir).encode()).hexdigest()[:12]
     root = os.path.join(cache or cache_dir(), "demo-adapters", f"v{RECIPE_VERSION}-{key}")
@@ -253,8 +255,8 @@ def run_real_demo(
 ) -> int:
     """Fetch (or take) the model, get its trained adapters, serve them with vLLM, ask the
     held-out questions of base and every adapter at once, print answers and scores."""
-    from flora_vllm.fetch import fetch_model
-    from flora_vllm.server import ServerProcess, lora_modules_args
+    from flora_vllm.demo.fetch import fetch_model
+    from flora_vllm.serving.server import ServerProcess, lora_modules_args
 
     t_start = time.monotonic()
     model_dir = model or fetch_model("smollm2", cache, progress=lambda m: print(f"[fetch] {m}"))
@@ -292,11 +294,11 @@ def run_real_demo(
 
 
 def main() -> int:
-    """`python -m flora_vllm.demo [OUT]`: remake the demo adapters for SmolLM2 (default: the
+    """`python -m flora_vllm.demo.run [OUT]`: remake the demo adapters for SmolLM2 (default: the
     shipped folder, as `make demo-adapters` does)."""
     import sys
 
-    from flora_vllm.fetch import fetch_model
+    from flora_vllm.demo.fetch import fetch_model
 
     out = sys.argv[1] if len(sys.argv) > 1 else SHIPPED
     t0 = time.monotonic()

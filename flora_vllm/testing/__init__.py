@@ -1,0 +1,2 @@
+"""Tiny random models, tokenizers and adapters built locally, for tests, benchmarks and
+`flora-vllm demo --tiny` (no hub, no network)."""
