@@ -31,7 +31,7 @@ def _serving_gemm():
     """The GEMM the FLoRA layers use when served: vLLM's packed CPU GEMM where vLLM imports,
     else F.linear (e.g. on the GPU box, which has no vLLM)."""
     try:
-        from flora_vllm.layers import make_gemm
+        from flora_vllm.hooks.worker_step import make_gemm
     except ImportError:
         return linear_gemm, "F.linear"
     return make_gemm, "vllm-cpu-gemm"

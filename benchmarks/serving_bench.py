@@ -59,8 +59,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from benchmarks import common  # noqa: E402
-from flora_vllm.testing import tiny  # noqa: E402
 from flora_vllm.serving.server import ServerProcess, lora_modules_args  # noqa: E402
+from flora_vllm.testing import tiny  # noqa: E402
 
 # ---- Config ------------------------------------------------------------------------------------
 MODES = ("base", "base-lora", "lora", "flora", "mixed")

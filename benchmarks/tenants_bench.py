@@ -50,8 +50,8 @@ from benchmarks.serving_bench import (  # noqa: E402
     vllm_bench,
     warm_up,
 )
-from flora_vllm.testing import tiny  # noqa: E402
 from flora_vllm.serving.server import ServerProcess  # noqa: E402
+from flora_vllm.testing import tiny  # noqa: E402
 
 WORKDIR = os.path.join(REPO_ROOT, "benchmarks", ".work")
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")

@@ -6,17 +6,21 @@ can. Every request takes a reference on the exact adapter id it resolved, at res
 gives it back when it is done (finished, aborted, or failed before it ever reached the engine);
 `retire(id, release)` runs `release` exactly once, when the count of that id is zero.
 
-Pure Python, no vLLM: the vLLM hooks (`flora_vllm.vllm_hooks`) take leases in the API server and
-the Ray Serve replica (`flora_vllm.ray_serve`) takes its own through the same registry.
+Runs in the process that resolves adapter names: vLLM's API server, or a Ray Serve replica (one
+mechanism for both: the API-server hooks, `hooks.api_server`, take the leases and retire ids on
+unload or reload; the replica retires the adapters Serve's LRU evicts through the same unload).
+Pure Python and asyncio, no vLLM import: the engine client is only called (`remove_lora`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger("flora_vllm")
 
@@ -90,3 +94,63 @@ def _call(release: Callable[[], None], lora_id: int) -> None:
 
 ADAPTERS = AdapterLifecycle()
 """The process's registry: the API server's (or Ray replica's) leases and retirements."""
+
+
+# --- the release: the engine drops a retired id once its last request is done ----------------
+
+
+def _log_task_error(task: asyncio.Task) -> None:
+    if not task.cancelled() and (e := task.exception()) is not None:
+        logger.error("flora_vllm: background adapter task failed: %r", e, exc_info=e)
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    task.add_done_callback(_log_task_error)
+
+
+_tasks: set[asyncio.Task] = set()  # background tasks kept alive until done
+
+AFTER_RELEASE: list[Callable[[Any], Any]] = []
+"""Coroutine functions run with the engine client after an adapter left it (the Ray replica
+loads back adapters vLLM's own LRU dropped meanwhile)."""
+
+
+async def _remove_from_engine(engine: Any, lora_id: int) -> None:
+    await engine.remove_lora(lora_id)
+    logger.info("flora_vllm: released adapter id %d from the engine", lora_id)
+    for after in AFTER_RELEASE:
+        await after(engine)
+
+
+def retire(
+    engine: Any, lora_id: int, on_release: Callable[[], None] | None = None
+) -> None:
+    """Drop adapter `lora_id` from the engine once no request holds a reference on it, then
+    call `on_release` (any thread). Call on the event loop; the release itself may come from
+    any thread (a finalizer)."""
+    loop = asyncio.get_running_loop()
+
+    def release() -> None:
+        if on_release is not None:
+            on_release()
+        start = lambda: _spawn(_remove_from_engine(engine, lora_id))  # noqa: E731
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:  # a finalizer in another thread
+            here = False
+        if here:
+            start()  # at once: `settle_releases` sees it
+        else:
+            loop.call_soon_threadsafe(start)
+
+    ADAPTERS.retire(lora_id, release)
+
+
+async def settle_releases() -> None:
+    """Wait for the adapter removals already started (before loading another adapter, so the
+    engine's adapter cache does not overflow and evict a registered one)."""
+    if _tasks:
+        await asyncio.gather(*list(_tasks), return_exceptions=True)

@@ -29,7 +29,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from flora_vllm.config import get_config
-    from flora_vllm.vllm_hooks import apply_hooks, vllm_problems
+    from flora_vllm.hooks import apply_hooks, vllm_problems
 
     _log_like_vllm()
     log = logging.getLogger("flora_vllm")

@@ -113,7 +113,7 @@ def test_stray_tensors_are_refused_from_the_header_unread(tmp_path, monkeypatch)
     """A file with many stray tensors is refused by name before any stray one is read."""
     from safetensors.torch import load_file, save_file
 
-    from flora_vllm import adapter
+    from flora_vllm.adapter import load as adapter
 
     save_adapter(str(tmp_path), _factors(1), r=1)
     path = tmp_path / adapter.WEIGHTS_NAME

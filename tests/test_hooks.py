@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flora_vllm import vllm_hooks
+from flora_vllm import hooks
+from flora_vllm.hooks import api_metrics, worker_step
 from flora_vllm.testing.tiny import make_flora_adapter
 
 
@@ -15,19 +16,19 @@ def test_version_drift_fails_loudly(monkeypatch):
 
     monkeypatch.setattr(vllm, "__version__", "0.30.1")
     with pytest.raises(RuntimeError, match=r"supports vLLM 0\.29\.0, found 0\.30\.1"):
-        vllm_hooks.check_vllm()
+        hooks.check_vllm()
 
 
 def test_missing_hook_target_fails_loudly(monkeypatch):
     monkeypatch.setattr(
-        vllm_hooks, "HOOK_TARGETS", (*vllm_hooks.HOOK_TARGETS, ("vllm.lora.utils", "_gone"))
+        hooks, "HOOK_TARGETS", (*hooks.HOOK_TARGETS, ("vllm.lora.utils", "_gone"))
     )
     with pytest.raises(RuntimeError, match=r"vllm\.lora\.utils\._gone is missing"):
-        vllm_hooks.check_vllm()
+        hooks.check_vllm()
 
 
 def test_pinned_vllm_has_every_target():
-    vllm_hooks.check_vllm()
+    hooks.check_vllm()
 
 
 def test_stock_vllm_refuses_a_flora_folder(model_sets, tmp_path):
@@ -55,7 +56,7 @@ def test_cpu_lora_ops_skip_tokens_without_adapter():
     # The upstream defect this guards against: slot -1 reads the last slot's weights.
     torch.testing.assert_close(leaked[1], leaked[2])
     fixed = torch.zeros(3, 5)
-    vllm_hooks._skip_unadapted_tokens(stock)(x, lora_a, fixed, idx, 1.0)
+    worker_step._skip_unadapted_tokens(stock)(x, lora_a, fixed, idx, 1.0)
     torch.testing.assert_close(fixed[1], torch.zeros(5))
     torch.testing.assert_close(fixed[[0, 2]], leaked[[0, 2]])
 
@@ -65,7 +66,7 @@ def test_cpu_lora_ops_keep_nan_of_a_slot_out_of_unadapted_rows():
     from vllm.lora.ops.torch_ops import lora_ops
 
     stock = getattr(lora_ops.bgmv_expand, "__wrapped__", lora_ops.bgmv_expand)
-    masked = vllm_hooks._skip_unadapted_tokens(stock)
+    masked = worker_step._skip_unadapted_tokens(stock)
     lora_b = torch.randn(2, 1, 5, 3)  # [slots, 1, out, rank]
     lora_b[0, 0, 2, 1] = float("nan")  # slot 0: an adapter whose weights overflowed
     y = torch.arange(15.0).view(3, 5)
@@ -80,7 +81,7 @@ def test_cpu_lora_ops_survive_prompt_logprobs_rows():
     from vllm.lora.ops.torch_ops import lora_ops
 
     stock = getattr(lora_ops.bgmv_shrink, "__wrapped__", lora_ops.bgmv_shrink)
-    masked = vllm_hooks._skip_unadapted_tokens(stock)
+    masked = worker_step._skip_unadapted_tokens(stock)
     x, lora_a = torch.randn(7, 4), torch.randn(2, 1, 3, 4)
     one = torch.zeros(7, 3)
     masked(x, lora_a, one, torch.tensor([1]), 1.0)
@@ -115,7 +116,7 @@ def _no_hooks(monkeypatch):
     def forbidden():
         raise AssertionError("the plugin changed vLLM")
 
-    monkeypatch.setattr(vllm_hooks, "apply_hooks", forbidden)
+    monkeypatch.setattr(hooks, "apply_hooks", forbidden)
 
 
 def test_plugin_leaves_another_vllm_untouched(monkeypatch):
@@ -174,11 +175,11 @@ def test_metrics_scrape_survives_unreadable_gauges(monkeypatch):
             raise TimeoutError("engine busy")
 
     metrics.set_live_state({("a", "flora"): 2}, [("a", "flora", "device")])
-    monkeypatch.setattr(vllm_hooks, "_warned", set())
+    monkeypatch.setattr(api_metrics, "_warned", set())
     models = type("Models", (), {"lora_requests": {}})()
     with _Records() as records:
         for _ in range(3):  # three scrapes
-            asyncio.run(vllm_hooks.refresh_live_gauges(BrokenEngine(), models))
+            asyncio.run(api_metrics.refresh_live_gauges(BrokenEngine(), models))
     warnings = [r.getMessage() for r in records if r.levelname == "WARNING"]
     assert len(warnings) == 2, warnings  # in-flight once, residency once
     text = metrics.render({"": metrics.snapshot()})
@@ -189,7 +190,7 @@ def test_load_failures_are_told_apart_by_error_class():
     """The class decides the status; across vLLM's process boundaries (where only text passes)
     the class is recognised by its prefix right after vLLM's hop wrappers, nowhere else."""
     from flora_vllm.adapter import AdapterResourcesError, FLoRAAdapterError
-    from flora_vllm.vllm_hooks import LOAD_ERRORS, VLLM_FAILURE_WRAPPERS, load_failure
+    from flora_vllm.hooks.api_server import LOAD_ERRORS, VLLM_FAILURE_WRAPPERS, load_failure
 
     core, worker = VLLM_FAILURE_WRAPPERS
 
@@ -215,7 +216,7 @@ def test_per_name_locks_live_only_while_in_use():
     import asyncio
     import collections
 
-    from flora_vllm.vllm_hooks import LockTable, _bounded_locks
+    from flora_vllm.hooks.api_server import LockTable, _bounded_locks
 
     async def main() -> None:
         models = type("Models", (), {})()

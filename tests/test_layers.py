@@ -38,9 +38,11 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from flora_vllm import layers, vllm_hooks
+from flora_vllm import layers
 from flora_vllm.config import FLoRAConfig
-from flora_vllm.ops.policy import CostModel, MergedWeightCache
+from flora_vllm.hooks import worker_step
+from flora_vllm.ops.merge_cache import MergedWeightCache
+from flora_vllm.ops.policy import CostModel
 
 if TYPE_CHECKING:
     from vllm.config.lora import LoRAConfig
@@ -263,7 +265,7 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
     monkeypatch.setattr(
         layer_utils,
         "dispatch_cpu_unquantized_gemm",
-        vllm_hooks._wrap_cpu_gemm_dispatch(getattr(gemm, "__wrapped__", gemm)),
+        worker_step._wrap_cpu_gemm_dispatch(getattr(gemm, "__wrapped__", gemm)),
     )
     stock_classes = [c for c in lora_utils._all_lora_classes if c not in layers.FLORA_LAYER_CLASSES]
     monkeypatch.setattr(
@@ -273,14 +275,14 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
         for op in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
             fn = getattr(module, op)
             monkeypatch.setattr(
-                module, op, vllm_hooks._skip_unadapted_tokens(getattr(fn, "__wrapped__", fn))
+                module, op, worker_step._skip_unadapted_tokens(getattr(fn, "__wrapped__", fn))
             )
-    monkeypatch.setattr(layers, "_merge_cache", MergedWeightCache(64 * 2**20))  # fresh per test
-    monkeypatch.setattr(layers, "_cost_model", lambda w: _TOY_COST)
+    monkeypatch.setattr(layers.base, "_merge_cache", MergedWeightCache(64 * 2**20))  # fresh
+    monkeypatch.setattr(layers.base, "_cost_model", lambda w: _TOY_COST)
 
     def policy(execution: str) -> None:
         cfg = FLoRAConfig(execution=execution)
-        monkeypatch.setattr(layers, "get_config", lambda: cfg)
+        monkeypatch.setattr(layers.base, "get_config", lambda: cfg)
 
     policy("auto")
     config = VllmConfig()
@@ -382,7 +384,7 @@ def make_wrapper(host_counts: bool) -> tuple[PunicaWrapperCPU, Callable[..., Non
     wrapper = PunicaWrapperCPU(MAX_TOKENS, MAX_TOKENS, device="cpu")  # max_batches: prefill runs
     stock = PunicaWrapperCPU.update_metadata
     stock = getattr(stock, "__wrapped__", stock)
-    update = vllm_hooks._wrap_update_metadata(stock) if host_counts else stock
+    update = worker_step._wrap_update_metadata(stock) if host_counts else stock
     return wrapper, update
 
 
@@ -527,7 +529,7 @@ def test_flora_rank_limit_sizes_the_stacks(
     the bytes), vLLM's LoRA stacks keep rank 8, and a mixed batch still equals the dense layer."""
     env("auto")
     cfg = FLoRAConfig(max_rank=2)
-    monkeypatch.setattr(layers, "get_config", lambda: cfg)
+    monkeypatch.setattr(layers.base, "get_config", lambda: cfg)
     gen = torch.Generator().manual_seed(77 + sum(map(ord, fam.name)))
     weight, bias = _random_layer(fam, gen)
     layer = build(fam, weight, bias)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from flora_vllm import vllm_hooks
+from flora_vllm.hooks import api_server, engine, worker_step
 from flora_vllm.lifecycle import AdapterLifecycle
 
 # --- the count -----------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_leased_request_holds_its_id_until_garbage():
     from flora_vllm.lifecycle import ADAPTERS
 
     plain = LoRARequest("tenant", 4242, "/adapters/tenant")
-    copy = vllm_hooks.leased(plain)
+    copy = api_server.leased(plain)
     assert ADAPTERS.refs(4242) == 1
     # Same adapter for vLLM: equal and hashed by name both ways, sent to the engine core as is.
     assert copy == plain and plain == copy and hash(copy) == hash(plain)
@@ -137,9 +137,9 @@ def test_pinned_request_resolves_to_its_id_after_the_name_changed():
     def stock(self, request):  # the name lookup of vLLM's BaseServing._maybe_get_adapters
         return registry[request.model]
 
-    resolve = vllm_hooks._wrap_maybe_get_adapters(stock)
+    resolve = api_server._wrap_maybe_get_adapters(stock)
     request, other = SimpleNamespace(model="a"), SimpleNamespace(model="a")
-    unpin = vllm_hooks.pin_adapter(request, old)
+    unpin = api_server.pin_adapter(request, old)
     assert resolve(None, request).lora_int_id == 501  # the id resolved before the reload
     assert resolve(None, other).lora_int_id == 502  # everyone else: the name's current id
     assert ADAPTERS.refs(501) == 1
@@ -166,7 +166,7 @@ def test_step_adapters_are_distinct_by_id_not_by_name():
     ones = np.ones(3, dtype=np.int32)
     _, token_map, collapsed = stock(batch, ones, ones)
     assert set(token_map) == {80, 88, 0} and len(collapsed) == 1  # the upstream defect
-    _, token_map, requests = vllm_hooks._active_loras_by_id(stock)(batch, ones, ones)
+    _, token_map, requests = worker_step._active_loras_by_id(stock)(batch, ones, ones)
     assert {r.lora_int_id for r in requests} == {80, 88}
 
 
@@ -204,10 +204,10 @@ class FakeCore:
 @pytest.fixture
 def core(monkeypatch) -> FakeCore:
     for name, wrap in (
-        ("remove_lora", vllm_hooks._wrap_core_remove_lora),
-        ("add_lora", vllm_hooks._wrap_core_add_lora),
-        ("add_request", vllm_hooks._wrap_core_add_request),
-        ("abort_requests", vllm_hooks._wrap_core_after),
+        ("remove_lora", engine._wrap_core_remove_lora),
+        ("add_lora", engine._wrap_core_add_lora),
+        ("add_request", engine._wrap_core_add_request),
+        ("abort_requests", engine._wrap_core_after),
     ):
         monkeypatch.setattr(FakeCore, name, wrap(getattr(FakeCore, name)))
     return FakeCore()

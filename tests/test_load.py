@@ -22,9 +22,9 @@ import pytest
 import torch
 from reference import load_reference, token_logprobs
 
+from flora_vllm.hooks.api_server import HOLD_DIR_ENV
 from flora_vllm.serving.server import ServerProcess, lora_modules_args
 from flora_vllm.testing.tiny import LLAMA_TARGETS, make_flora_adapter
-from flora_vllm.vllm_hooks import HOLD_DIR_ENV
 
 TOL = 1e-3  # log-probability, float32
 N_FLORA = 16  # FLoRA adapters registered at start

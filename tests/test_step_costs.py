@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from flora_vllm import vllm_hooks
+from flora_vllm.hooks import worker_step
 
 
 def _stock():
@@ -34,7 +34,7 @@ def test_vectorized_convert_mapping_equals_stock(seed):
     mapping = LoRAMapping(tuple(tokens), tuple(prompt), is_prefill=True)
     cpu = torch.device("cpu")
     expected = _stock()(mapping, lora_index_to_id, slots + 1, 8192, cpu)
-    got = vllm_hooks.convert_mapping(mapping, lora_index_to_id, slots + 1, 8192, cpu)
+    got = worker_step.convert_mapping(mapping, lora_index_to_id, slots + 1, 8192, cpu)
     for e, g in zip(expected[:4], got[:4], strict=True):
         assert e.dtype == g.dtype and torch.equal(e, g)
     assert list(expected[4]) == list(got[4])
@@ -47,7 +47,7 @@ def test_vectorized_convert_mapping_refuses_an_unknown_id_like_stock():
     with pytest.raises(KeyError):
         _stock()(mapping, [3, None], 3, 100, torch.device("cpu"))
     with pytest.raises(KeyError):
-        vllm_hooks.convert_mapping(mapping, [3, None], 3, 100, torch.device("cpu"))
+        worker_step.convert_mapping(mapping, [3, None], 3, 100, torch.device("cpu"))
 
 
 def test_step_summary_counts_tokens_per_slot():
@@ -56,7 +56,7 @@ def test_step_summary_counts_tokens_per_slot():
 
     wrapper = PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
     stock = getattr(PunicaWrapperCPU.update_metadata, "__wrapped__", None)
-    update = vllm_hooks._wrap_update_metadata(stock or PunicaWrapperCPU.update_metadata)
+    update = worker_step._wrap_update_metadata(stock or PunicaWrapperCPU.update_metadata)
     mapping = LoRAMapping((5, 5, 0, 9, 5), (5, 0, 9), is_prefill=True)
     update(wrapper, mapping, [9, None, 5], 4, 100)
     n, counts = wrapper.flora_step
@@ -81,10 +81,10 @@ def test_lm_head_lora_runs_only_while_a_slot_has_lm_head_weights():
             return ("plain", lm_head)
 
     calls = []
-    set_lora = vllm_hooks._wrap_set_lora_weighted(Head.set_lora)
-    reset_lora = vllm_hooks._wrap_reset_lora_weighted(Head.reset_lora)
+    set_lora = worker_step._wrap_set_lora_weighted(Head.set_lora)
+    reset_lora = worker_step._wrap_reset_lora_weighted(Head.reset_lora)
     Head.reset_lora = reset_lora
-    get_logits = vllm_hooks._wrap_logits_get_logits(lambda *a: calls.append(a) or "lora")
+    get_logits = worker_step._wrap_logits_get_logits(lambda *a: calls.append(a) or "lora")
     head, lm_head = Head(), type("Wrapped", (), {"base_layer": "embedding"})()
     assert get_logits(head, "h", lm_head) == ("plain", "embedding")  # unwrapped lm_head
     set_lora(head, 1, "a", "b")
@@ -108,9 +108,9 @@ def test_embedding_lora_runs_only_while_a_slot_has_embedding_weights():
             pass
 
     calls = []
-    forward = vllm_hooks._wrap_embedding_forward(lambda self, ids: calls.append(ids) or "lora")
-    set_lora = vllm_hooks._wrap_set_lora_weighted(Embedding.set_lora)
-    reset_lora = vllm_hooks._wrap_reset_lora_weighted(Embedding.reset_lora)
+    forward = worker_step._wrap_embedding_forward(lambda self, ids: calls.append(ids) or "lora")
+    set_lora = worker_step._wrap_set_lora_weighted(Embedding.set_lora)
+    reset_lora = worker_step._wrap_reset_lora_weighted(Embedding.reset_lora)
     emb = Embedding()
     assert forward(emb, "ids") == ("plain", "ids") and not calls
     set_lora(emb, 0, "a", "b")
@@ -176,7 +176,7 @@ class _Routed:
     ids=["plain", "lora-only", "flora", "mixed", "graph", "cpu-plain", "cpu-flora"],
 )
 def test_layer_routes_each_pass_to_its_work(monkeypatch, fused, in_graph, counts, expected):
-    from flora_vllm import layers
+    from flora_vllm.layers import base as layers
 
     monkeypatch.setattr(layers, "_runs_fused", lambda x: fused)
     monkeypatch.setattr(layers, "_in_graph", lambda x: in_graph)

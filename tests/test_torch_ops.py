@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flora_vllm.ops.policy import CostModel, MergedWeightCache, plan_segments
+from flora_vllm.ops.merge_cache import MergedWeightCache
+from flora_vllm.ops.policy import CostModel, plan_segments
 from flora_vllm.ops.torch_ops import (
     dense_flora_weight,
     expand_rows,

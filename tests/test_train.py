@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flora_vllm.adapter import load_adapter
 from flora_vllm.testing.tiny import _CORPUS, LLAMA_TARGETS, build_llama, linear_shapes
 from flora_vllm.training.train import (
-    FLoRALinear,
+    TrainableFLoRALinear,
     encode,
     flora_layers,
     inject_flora,
@@ -73,7 +73,7 @@ def test_identity_init_is_base_layer(r, alpha):
     torch.manual_seed(0)
     base = torch.nn.Linear(48, 24)
     x = torch.randn(3, 5, 48)
-    layer = FLoRALinear(base, r=r, n_adapters=2, alpha=alpha)
+    layer = TrainableFLoRALinear(base, r=r, n_adapters=2, alpha=alpha)
     if r > 1:  # the ± perturbation that lets the components separate is really there
         assert not torch.equal(layer.flora_A[0, 0], layer.flora_A[0, 1])
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_batched_form_matches_dense_per_example():
     float64 from the factors; the gradients of the factors agree with the dense form's too."""
     torch.manual_seed(0)
     r, alpha, ids = 3, 2.0, torch.tensor([0, 2, 1, -1, 0])
-    layer = FLoRALinear(torch.nn.Linear(40, 24), r=r, n_adapters=3, alpha=alpha)
+    layer = TrainableFLoRALinear(torch.nn.Linear(40, 24), r=r, n_adapters=3, alpha=alpha)
     with torch.no_grad():
         layer.flora_A.copy_(1 + 0.3 * torch.randn_like(layer.flora_A))
         layer.flora_B.copy_(0.5 + 0.3 * torch.randn_like(layer.flora_B))
@@ -138,6 +138,34 @@ def test_batched_form_matches_dense_per_example():
     (dense * g).sum().backward()
     torch.testing.assert_close(grads[0], layer.flora_A.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads[1], layer.flora_B.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_form_gradients_equal_merged_form_per_example_float64():
+    """The batched form (the shared serving op `torch_ops.flora_linear`) is differentiable: in
+    float64, its gradients w.r.t. flora_A and flora_B (and x) equal those of the merged form run
+    one example at a time, for ranks 1 (the scaled-rows path) and 3 (the expanded rows)."""
+    for r in (1, 3):
+        torch.manual_seed(r)
+        base = torch.nn.Linear(12, 8).double()
+        layer = TrainableFLoRALinear(base, r=r, n_adapters=3, alpha=2.0)
+        with torch.no_grad():
+            layer.flora_A.copy_(1 + 0.3 * torch.randn_like(layer.flora_A))
+            layer.flora_B.copy_(0.5 + 0.3 * torch.randn_like(layer.flora_B))
+        ids = torch.tensor([2, -1, 0, 2, 1])
+        x = torch.randn(5, 4, 12, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(5, 4, 8, dtype=torch.float64)
+
+        (layer.forward_batched(x, ids) * g).sum().backward()
+        batched = (layer.flora_A.grad.clone(), layer.flora_B.grad.clone(), x.grad.clone())
+        layer.zero_grad()
+        x.grad = None
+        for i, s in enumerate(ids.tolist()):
+            w = base.weight if s < 0 else layer.merged_weight(s)
+            (F.linear(x[i], w, base.bias) * g[i]).sum().backward()
+        merged = (layer.flora_A.grad, layer.flora_B.grad, x.grad)
+        assert batched[0].abs().sum() > 0 and batched[1].abs().sum() > 0
+        for got, want in zip(batched, merged, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_mixed_batch_in_model_matches_one_adapter_at_a_time(tiny_llama):

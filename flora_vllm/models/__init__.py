@@ -1,1 +1,2 @@
-"""Native vLLM model implementations registered by the flora-vllm plugin."""
+"""Native vLLM model implementations the plugin registers (worker process): StarCoder
+(GPTBigCode) with its qkv as one packed layer that LoRA and FLoRA both adapt."""

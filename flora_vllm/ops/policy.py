@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from flora_vllm.ops.torch_ops import Gemm, linear_gemm
+from flora_vllm.ops.torch_ops import Gemm, dense_flora_weight, linear_gemm
 
 MakeGemm = Callable[[torch.Tensor], Gemm]
 
@@ -130,7 +130,7 @@ def calibrate(
     for r in (1, 8):
         a = torch.randn(r, size, device=dev, dtype=dtype)
         b = torch.randn(r, size, device=dev, dtype=dtype)
-        merge_t[r] = timed(lambda a=a, b=b: make_gemm(w * (b.T @ a))) / elems
+        merge_t[r] = timed(lambda a=a, b=b: make_gemm(dense_flora_weight(w, a, b.T))) / elems
     g1 = max((merge_t[8] - merge_t[1]) / 7, 0.0)
     g0 = max(merge_t[1] - g1, 0.0)
     return CostModel(list(_CAL_ROWS), per_elem, g0, g1, str(dev), str(dtype).split(".")[-1])
@@ -168,36 +168,3 @@ def load_or_calibrate(
         logger.warning("flora_vllm: cannot cache the cost model at %s: %s", path, e)
     logger.info("flora_vllm: calibrated cost model (cached at %s): %s", path, model)
     return model
-
-
-class MergedWeightCache:
-    """Merged-weight GEMMs (W0 ∘ (B^T A), packed) kept across forward passes under a byte
-    budget (LRU); callers give each entry's size in bytes.
-
-    Keys are (layer key, slice, slot, slot version): a slot that gets another adapter bumps its
-    version (and `drop` frees the stale entries at once), so a stale weight is never served.
-    """
-
-    def __init__(self, budget_bytes: int):
-        self.budget = budget_bytes
-        self.used = 0
-        self._entries: dict[tuple, tuple[Gemm, int]] = {}  # insertion order = LRU order
-
-    def get(self, key: tuple) -> Gemm | None:
-        entry = self._entries.pop(key, None)
-        if entry is None:
-            return None
-        self._entries[key] = entry  # most recently used
-        return entry[0]
-
-    def put(self, key: tuple, gemm: Gemm, size: int) -> None:
-        if size > self.budget:
-            return
-        while self.used + size > self.budget and self._entries:
-            self.used -= self._entries.pop(next(iter(self._entries)))[1]
-        self._entries[key] = (gemm, size)
-        self.used += size
-
-    def drop(self, layer_key: int, slot: int) -> None:
-        for key in [k for k in self._entries if k[0] == layer_key and k[2] == slot]:
-            self.used -= self._entries.pop(key)[1]

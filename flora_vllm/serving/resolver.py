@@ -5,7 +5,7 @@ plain `vllm` command), a request for `model=<name>` that nobody registered is se
 `DIR/<name>`, FLoRA and LoRA folders alike: loaded once (concurrent first requests wait for that
 one load), then listed on `/v1/models` like any loaded adapter. A name leading outside the roots
 is a 403, a missing folder a 404, a broken adapter a 400, each with the reason (the hooks in
-`vllm_hooks` pass those through; stock vLLM would turn all but the 400 into a 404).
+`hooks.api_server` pass those through; stock vLLM would turn all but the 400 into a 404).
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
 def exec_server(user_args: Sequence[str]) -> None:
     """Replace this process with vLLM's OpenAI server (so signals and exit codes are vLLM's).
     Refuses to start on a vLLM the plugin cannot hook (the plugin alone would only log it)."""
-    from flora_vllm.vllm_hooks import check_vllm
+    from flora_vllm.hooks import check_vllm
 
     if os.environ.get("FLORA_DISABLE") != "1":
         check_vllm()

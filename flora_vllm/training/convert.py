@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 
 from flora_vllm.adapter import save_adapter
+from flora_vllm.ops.torch_ops import dense_flora_weight
 
 LORA_CONFIG = "adapter_config.json"
 LORA_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -233,7 +234,7 @@ def fit_flora(
         return torch.linalg.solve(gram + ridge * eye, rhs.unsqueeze(-1)).squeeze(-1)
 
     def err() -> float:
-        return float((w0 * (b @ a) - target).pow(2).sum())
+        return float((dense_flora_weight(w0, a, b) - target).pow(2).sum())
 
     prev = math.inf
     for _ in range(max(iters, 1)):

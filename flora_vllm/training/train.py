@@ -1,8 +1,9 @@
 """Train FLoRA adapters on a frozen transformers causal LM (pure torch + transformers, no vLLM).
 
 FLoRA adapts a frozen linear weight W0 multiplicatively: W' = W0 ∘ (s · B @ A), s = alpha / r,
-A [r, in], B [out, r]. `FLoRALinear` wraps an `nn.Linear` and holds `n_adapters` such pairs,
-stacked, and runs in one of two forms, both differentiable:
+A [r, in], B [out, r]. `TrainableFLoRALinear` wraps an `nn.Linear` and holds `n_adapters` such
+pairs, stacked, and runs in one of two forms, both differentiable, both computed by the serving
+math of `flora_vllm.ops.torch_ops` (`dense_flora_weight`, `flora_linear`):
 
 - one adapter for the whole batch (`adapter_ids` unset): the merged weight W0 ∘ (s · B A) and
   one ordinary matmul, the cheapest way to train a single adapter;
@@ -37,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from flora_vllm.adapter import save_adapter
+from flora_vllm.ops import torch_ops
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,13 +47,17 @@ DEFAULT_LR = 5e-3  # the FLoRA paper's learning rate
 DEFAULT_INIT_SPREAD = 0.02  # std of the paired perturbation of A's rows when r > 1
 
 
-class FLoRALinear(nn.Module):
-    """A frozen `nn.Linear` with `n_adapters` stacked FLoRA factor pairs.
+class TrainableFLoRALinear(nn.Module):
+    """A frozen `nn.Linear` with `n_adapters` stacked FLoRA factor pairs (the training layer;
+    not the serving `flora_vllm.layers.FLoRALinearMixin`).
 
     Attributes:
         base: the wrapped linear layer (its parameters are frozen).
         flora_A: [n_adapters, r, in] input scalings.
         flora_B: [n_adapters, out, r] output scalings (unscaled; `scale` = alpha / r applied).
+            This is the file/training layout, B [out, r] as in the adapter folder; the serving
+            stacks of `torch_ops.flora_linear` are b_stacked [S, R, out] (B^T, scale folded in),
+            which `forward_batched` builds as (scale · flora_B).transpose(1, 2).
         adapter_ids: None (every example uses `active_adapter`, merged form) or a [N] int tensor,
             one adapter per example of the next batches, -1 for the base weight (batched form).
     """
@@ -108,8 +114,9 @@ class FLoRALinear(nn.Module):
 
     def merged_weight(self, adapter: int = 0) -> torch.Tensor:
         """W0 ∘ (scale · B A) of one adapter, [out, in] (differentiable)."""
-        ba = self.flora_B[adapter] @ self.flora_A[adapter]  # [out, in]
-        return self.base.weight * (self.scale * ba)
+        return torch_ops.dense_flora_weight(
+            self.base.weight, self.flora_A[adapter], self.scale * self.flora_B[adapter]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in] -> [..., out]: merged form, or per-example form when adapter_ids is set."""
@@ -133,14 +140,19 @@ class FLoRALinear(nn.Module):
                 "(one adapter per example of the batch)"
             )
         ids = adapter_ids.to(device=x.device, dtype=torch.long)
-        is_base = (ids < 0).view(n, 1, 1)
-        a = torch.where(is_base, 1.0, self.flora_A[ids.clamp(min=0)])  # [N, r, in]
-        b = torch.where(is_base, 1.0 / self.r, self.scale * self.flora_B[ids.clamp(min=0)])
-        mid = (1,) * (x.dim() - 2)
-        xa = x.unsqueeze(-2) * a.view(n, *mid, self.r, -1)  # [N, ..., r, in]
-        z = F.linear(xa, self.base.weight)  # [N, ..., r, out]: the one shared matmul
-        y = (z * b.transpose(1, 2).reshape(n, *mid, self.r, -1)).sum(-2)  # [N, ..., out]
-        return y if self.base.bias is None else y + self.base.bias
+        per_example = x[0].numel() // x.shape[-1] if n else 0  # positions per example
+        token_slots = ids.repeat_interleave(per_example)  # [T], -1 = base
+        slot_ranks = torch.full((self.n_adapters,), self.r, dtype=torch.long, device=x.device)
+        y = torch_ops.flora_linear(
+            x.reshape(-1, x.shape[-1]),  # [T, in]
+            self.base.weight,
+            self.base.bias,
+            token_slots,
+            self.flora_A,  # [n, r, in]
+            (self.scale * self.flora_B).transpose(1, 2),  # [n, r, out], the serving layout
+            slot_ranks,
+        )  # [T, out]: one shared matmul of r rows per adapted token, one per base token
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def factors(self, adapter: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, in], B [out, r]) of one adapter, unscaled, as written to the adapter folder."""
@@ -170,9 +182,10 @@ def inject_flora(
     alpha: float = 1.0,
     init_spread: float | None = None,
     seed: int = 0,
-) -> dict[str, FLoRALinear]:
+) -> dict[str, TrainableFLoRALinear]:
     """Freeze the model and replace each nn.Linear whose short name is in `targets` by a
-    FLoRALinear at identity; returns module path -> layer (the paths the adapter folder uses).
+    TrainableFLoRALinear at identity; returns module path -> layer (the paths the adapter
+    folder uses).
 
     Raises:
         ValueError naming the targets that match no nn.Linear of the model.
@@ -194,15 +207,15 @@ def inject_flora(
     for path in paths:
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path)
-        layer = FLoRALinear(getattr(parent, child), r, n_adapters, alpha, init_spread, gen)
+        layer = TrainableFLoRALinear(getattr(parent, child), r, n_adapters, alpha, init_spread, gen)
         setattr(parent, child, layer)
         layers[path] = layer
     return layers
 
 
-def flora_layers(model: nn.Module) -> dict[str, FLoRALinear]:
-    """Module path -> FLoRALinear of every injected layer."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, FLoRALinear)}
+def flora_layers(model: nn.Module) -> dict[str, TrainableFLoRALinear]:
+    """Module path -> TrainableFLoRALinear of every injected layer."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, TrainableFLoRALinear)}
 
 
 def set_active_adapter(model: nn.Module, adapter: int) -> None:

@@ -1,33 +1,35 @@
-"""vLLM linear LoRA layers that also serve FLoRA adapters, slot by slot.
+"""The shared FLoRA verbs of every `<Base>WithFLoRA` layer: slots, `set_flora` / `reset_flora`,
+and the mixed-batch `apply` (worker process, once per layer call).
 
-Each `<Base>WithFLoRA` extends vLLM's own `<Base>WithLoRA`: a slot holds either a LoRA adapter
-(vLLM's stacked A/B, applied by punica on top of the output) or a FLoRA adapter (our stacked
-scalings, applied inside the base matmul by `ops.torch_ops.flora_linear`), never both: the
-manager resets the other kind when it fills a slot. Plain tokens (slot -1) get the base output.
+A slot holds either a LoRA adapter (vLLM's stacked A/B, applied by punica on top of the output)
+or a FLoRA adapter (our stacked scalings, applied inside the base matmul by `flora_vllm.ops`),
+never both: the manager resets the other kind when it fills a slot. Plain tokens (slot -1) get
+the base output. vLLM state the layer reads (the step's slots, the CPU GEMM) comes through
+`hooks.worker_step`, where those private names are version-checked.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.config.lora import LoRAConfig
-from vllm.lora.layers import (
-    ColumnParallelLinearWithLoRA,
-    MergedColumnParallelLinearWithLoRA,
-    MergedQKVParallelLinearWithLoRA,
-    QKVParallelLinearWithLoRA,
-    RowParallelLinearWithLoRA,
-)
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
 from flora_vllm.config import get_config
+from flora_vllm.hooks.worker_step import (
+    cpu_linear,
+    make_gemm,
+    slots_buffer,
+    step_host_counts,
+    step_slots,
+)
 from flora_vllm.ops import opaque
-from flora_vllm.ops.policy import CostModel, MergedWeightCache, load_or_calibrate, plan_segments
+from flora_vllm.ops.merge_cache import MergedWeightCache
+from flora_vllm.ops.policy import CostModel, load_or_calibrate, plan_segments
 from flora_vllm.ops.torch_ops import (
     Gemm,
     _add_bias,
@@ -39,19 +41,6 @@ from flora_vllm.ops.torch_ops import (
 _cost_models: dict[tuple[str, torch.dtype], CostModel] = {}
 _layer_uids = itertools.count()  # merged-weight cache keys: never reused, unlike id()
 _merge_cache: MergedWeightCache | None = None
-
-
-def make_gemm(weight: torch.Tensor) -> Gemm:
-    """x -> x W^T with vLLM's own GEMM for W on the CPU (oneDNN / sgl packed weights, several
-    times faster than F.linear there), plain F.linear elsewhere. Packs a copy of W on the CPU."""
-    if weight.device.type != "cpu":
-        return lambda x: torch.nn.functional.linear(x, weight)
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    shim = SimpleNamespace(weight=weight)
-    dispatch_cpu_unquantized_gemm(shim, remove_weight=False)
-    fn = shim.cpu_linear
-    return lambda x: fn(x, weight, None)
 
 
 def _cost_model(weight: torch.Tensor) -> CostModel:
@@ -152,20 +141,20 @@ class FLoRALinearMixin:
         """One GEMM per output slice (FLoRA scales each slice's input on its own). On the CPU a
         packed layer (qkv, gate_up) keeps vLLM's whole-weight packed GEMM too: batches with no
         FLoRA token take it, and per-slice GEMMs + concatenation cost 10-30% more there."""
-        cpu_linear = getattr(self.base_layer, "cpu_linear", None)
-        if weight.device.type == "cpu" and cpu_linear is not None and len(self.output_slices) == 1:
-            return [lambda x: cpu_linear(x, weight, None)]
+        fn = cpu_linear(self.base_layer)
+        if weight.device.type == "cpu" and fn is not None and len(self.output_slices) == 1:
+            return [lambda x: fn(x, weight, None)]
         return [make_gemm(w) for w in weight.split(list(self.output_slices))]
 
     def step_counts(self, n_tok: int) -> list[int]:
         """Tokens per slot in this forward pass ([no adapter, slot 0, slot 1, ...]), from the
         host-side copy the plugin keeps per step; a device count only as a fallback."""
-        step = getattr(self.punica_wrapper, "flora_step", None)
+        step = step_host_counts(self.punica_wrapper)
         if step is not None and step[0] <= n_tok:
             counts = list(step[1])
             counts[0] += n_tok - step[0]  # padded tokens carry no adapter
             return counts
-        slots = self.punica_wrapper.token_lora_indices[:n_tok]
+        slots = step_slots(self.punica_wrapper)[:n_tok]
         counts = torch.bincount(slots + 1, minlength=len(self._flora_version) + 1).tolist()
         counts[0] += n_tok - slots.shape[0]
         return counts
@@ -243,7 +232,7 @@ class FLoRALinearMixin:
         """CPU: torch ops per slice; rank <= 1 as one scaled GEMM, higher ranks per segment
         (expanded rows or a merged weight, as the execution policy picks)."""
         n_tok = x2.shape[0]
-        slots = self.punica_wrapper.token_lora_indices[:n_tok]  # [T], -1 = no adapter
+        slots = step_slots(self.punica_wrapper)[:n_tok]  # [T], -1 = no adapter
         if slots.shape[0] < n_tok:  # padded tokens carry no adapter
             pad = slots.new_full((n_tok - slots.shape[0],), -1)
             slots = torch.cat([slots, pad])
@@ -281,7 +270,7 @@ class FLoRALinearMixin:
         the slots of the first T tokens from the punica buffer itself (a fixed address across
         CUDA-graph replays) and the ranks on the device: no host sync, so a captured graph stays
         valid when adapters come and go. The per-segment merge policy is a CPU torch feature."""
-        slots = self.punica_wrapper._token_lora_indices  # [max_batched_tokens] >= T
+        slots = slots_buffer(self.punica_wrapper)  # [max_batched_tokens] >= T
         weight = self.base_layer.weight
         outs, start = [], 0
         for i, size in enumerate(self.output_slices):
@@ -353,70 +342,3 @@ class FLoRALinearMixin:
             packed_modules_list=packed_modules_list,
             model_config=model_config,
         )
-
-
-class ColumnParallelLinearWithFLoRA(FLoRALinearMixin, ColumnParallelLinearWithLoRA):
-    """One column-parallel weight (StarCoder `c_fc`)."""
-
-    def flora_full_shapes(self) -> list[tuple[int, int]]:
-        return [(self.base_layer.output_size, self.base_layer.input_size)]
-
-
-class MergedColumnParallelLinearWithFLoRA(FLoRALinearMixin, MergedColumnParallelLinearWithLoRA):
-    """Packed column weights, one FLoRA per slice (LLaMA `gate_up_proj` = gate + up)."""
-
-    def flora_full_shapes(self) -> list[tuple[int, int]]:
-        return [(out, self.base_layer.input_size) for out in self.base_layer.output_sizes]
-
-
-class FiniteKVMixin:
-    """qkv layers: NaN/inf never reach the KV cache. An adapter whose activations overflow must
-    spoil its own answers only; vLLM's CPU attention reads stale positions of a reused KV block
-    with weight 0, and 0 × NaN would hand the next tenant NaN (tests: test_bad_input)."""
-
-    def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        output = super().apply(x, bias)  # type: ignore[misc]
-        if torch.compiler.is_compiling():  # the opaque node, whose body is this whole method
-            return output
-        n_tok = output.numel() // output.shape[-1]
-        if self.step_counts(n_tok)[0] == n_tok and not x.is_cuda:  # no adapter token: as base
-            return output
-        return torch.nan_to_num_(output)
-
-
-class QKVParallelLinearWithFLoRA(FiniteKVMixin, FLoRALinearMixin, QKVParallelLinearWithLoRA):
-    """A fused qkv weight that adapters treat as one module (StarCoder `c_attn`)."""
-
-    def flora_full_shapes(self) -> list[tuple[int, int]]:
-        out = self.q_proj_total_size + 2 * self.kv_proj_total_size
-        return [(out, self.base_layer.input_size)]
-
-
-class MergedQKVParallelLinearWithFLoRA(
-    FiniteKVMixin, FLoRALinearMixin, MergedQKVParallelLinearWithLoRA
-):
-    """q, k, v packed into one weight, one FLoRA per slice (LLaMA `qkv_proj`)."""
-
-    def flora_full_shapes(self) -> list[tuple[int, int]]:
-        layer = self.base_layer
-        q = layer.total_num_heads * layer.head_size
-        kv = layer.total_num_kv_heads * layer.head_size
-        return [(q, layer.input_size), (kv, layer.input_size), (kv, layer.input_size)]
-
-
-class RowParallelLinearWithFLoRA(FLoRALinearMixin, RowParallelLinearWithLoRA):
-    """Row-parallel weight (`o_proj`, `down_proj`, StarCoder `c_proj`); the bias is added after
-    the all-reduce by vLLM, and Σ_k b_k ∘ (.) commutes with that sum over input shards."""
-
-    def flora_full_shapes(self) -> list[tuple[int, int]]:
-        return [(self.base_layer.output_size, self.base_layer.input_size)]
-
-
-# Order matters as in vllm.lora.utils._all_lora_classes: each is tried before vLLM's classes.
-FLORA_LAYER_CLASSES: tuple[type[FLoRALinearMixin], ...] = (
-    ColumnParallelLinearWithFLoRA,
-    MergedColumnParallelLinearWithFLoRA,
-    QKVParallelLinearWithFLoRA,
-    MergedQKVParallelLinearWithFLoRA,
-    RowParallelLinearWithFLoRA,
-)

@@ -1,0 +1,240 @@
+"""Worker process: adapter folders become vLLM adapter models, and slots take FLoRA factors.
+
+Runs where vLLM's model runner lives (the worker; the engine core on a single-process CPU
+server). Hooks (targets checked in `flora_vllm.hooks`):
+
+- `WorkerLoRAManager._load_adapter`: FLoRA folders load as FLoRAModel; unknown peft_type values
+  are refused (stock vLLM applies them as additive LoRA); LoRA weights with NaN/inf are refused;
+  paths outside FLORA_ADAPTER_ROOTS are refused; load errors carry a 4xx marker.
+- `LoRAModelManager._add_adapter`: a FLoRA model skips LoRA's packing step (nothing to pack).
+- `LoRAModelManager.activate_adapter`: filling a slot also sets or clears its FLoRA factors; LoRA
+  weights that do not fit the layers free the slot and are a 400, not an engine error.
+- `WorkerWrapperBase.flora_lora_residency` (added): the collective RPC behind the residency
+  gauge; reads the LoRA manager's `_adapter_manager`, `lora_index_to_id`, `_registered_adapters`.
+- Test seam, only with FLORA_TEST_LOAD_FAULT set: the load of a named adapter raises
+  MemoryError or RuntimeError.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from flora_vllm.adapter import (
+    PEFT_TYPE,
+    AdapterResourcesError,
+    FLoRAAdapterError,
+    FLoRAAdapterNotFoundError,
+    load_adapter,
+    read_peft_type,
+)
+from flora_vllm.config import get_config
+from flora_vllm.ops.torch_ops import factor_dtype
+from flora_vllm.serving.access import check_adapter_path
+
+logger = logging.getLogger("flora_vllm")
+
+
+# --- adapter loading -------------------------------------------------------------------------
+
+
+class FLoRAModelMixin:
+    """Marks a LoRAModel as FLoRA; `flora` maps vLLM module name -> per-slice (a, b) lists."""
+
+    flora: dict[str, tuple[list[torch.Tensor | None], list[torch.Tensor | None]]]
+
+
+def _flora_model_cls() -> type:
+    from vllm.lora.lora_model import LoRAModel
+
+    class FLoRAModel(FLoRAModelMixin, LoRAModel):
+        """A FLoRA adapter in vLLM's adapter cache: no LoRA weights, only FLoRA factors."""
+
+        def __init__(self, lora_model_id: int, rank: int, flora: dict) -> None:
+            super().__init__(lora_model_id, rank, {})
+            self.flora = flora
+
+        def clone(self, lora_model_id: int) -> FLoRAModel:
+            return FLoRAModel(lora_model_id, self.rank, self.flora)
+
+    return FLoRAModel
+
+
+def flora_module_index(
+    adapter_manager: Any,
+) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[str, int, int]]]:
+    """Map each FLoRA-adaptable sub-module name (e.g. `...self_attn.q_proj`) of the served model
+    to its (out, in) shape and to (wrapped vLLM module name, slice index, slice count)."""
+    from flora_vllm.layers import FLoRALinearMixin
+
+    shapes: dict[str, tuple[int, int]] = {}
+    where: dict[str, tuple[str, int, int]] = {}
+    for name, module in adapter_manager.modules.items():
+        if not isinstance(module, FLoRALinearMixin):
+            continue
+        full = module.flora_full_shapes()
+        subs = adapter_manager.packed_modules.get(name, [name])
+        if len(subs) != len(full):  # packed list of one (e.g. c_attn) keeps the module's name
+            subs = [name]
+        for i, (sub, shape) in enumerate(zip(subs, full, strict=True)):
+            shapes[sub] = shape
+            where[sub] = (name, i, len(full))
+    return shapes, where
+
+
+def _load_flora(worker_manager: Any, lora_request: Any, lora_path: str) -> Any:
+    """Read, check and arrange a FLoRA folder for the wrapped modules of the served model."""
+    manager = worker_manager._adapter_manager
+    shapes, where = flora_module_index(manager)
+    mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+    map_name = mapper.get_rename_mapper()._map_name if mapper is not None else None
+    dtype = (
+        manager.modules[next(iter(where.values()))[0]].base_layer.weight.dtype
+        if where
+        else torch.float32
+    )
+    max_rank, rank_setting = get_config().rank_limit(worker_manager.lora_config.max_lora_rank)
+    cfg, weights = load_adapter(
+        lora_path,
+        shapes,
+        max_rank=max_rank,
+        rank_setting=rank_setting,
+        dtype=factor_dtype(dtype),  # fp32 for a bf16 model: see ops.torch_ops.factor_dtype
+        map_name=map_name,
+        serve_dtype=dtype,
+    )
+    flora: dict[str, tuple[list, list]] = {}
+    for sub, w in weights.items():
+        name, i, n = where[sub]
+        a_list, b_list = flora.setdefault(name, ([None] * n, [None] * n))
+        a_list[i], b_list[i] = w.a, w.b
+    return _flora_model_cls()(lora_request.lora_int_id, cfg.r, flora)
+
+
+def _wrap_load_adapter(orig: Callable) -> Callable:
+    from safetensors import SafetensorError
+    from vllm.exceptions import LoRAAdapterNotFoundError
+    from vllm.lora.utils import get_adapter_absolute_path
+
+    @functools.wraps(orig)
+    def _load_adapter(self: Any, lora_request: Any) -> Any:
+        name, path = lora_request.lora_name, lora_request.lora_path
+        label = f"'{name}' ({path})"
+        try:
+            if (fault := _injected_fault(name)) is not None:
+                raise fault
+            check_adapter_path(path, get_config().adapter_roots)  # the API server checked too
+            try:
+                abs_path = get_adapter_absolute_path(path)
+            except FileNotFoundError as e:  # e.g. a hub id with no network: stock vLLM says 404
+                raise LoRAAdapterNotFoundError(name, path) from e
+            peft_type = read_peft_type(abs_path)
+            if peft_type == PEFT_TYPE:
+                return _load_flora(self, lora_request, abs_path)
+            if peft_type not in (None, "LORA"):
+                raise FLoRAAdapterError(
+                    label,
+                    [
+                        f"unknown peft_type {peft_type!r}: this server serves 'LORA' and "
+                        f"'{PEFT_TYPE}' adapters only"
+                    ],
+                )
+            lora = orig(self, lora_request)
+            _check_lora_finite(label, lora)
+            return lora
+        except (LoRAAdapterNotFoundError, FLoRAAdapterError):
+            raise
+        except FLoRAAdapterNotFoundError as e:
+            raise LoRAAdapterNotFoundError(name, path) from e
+        except (MemoryError, torch.OutOfMemoryError) as e:  # the server's state: 503
+            raise AdapterResourcesError(label, e) from e
+        except (
+            ValueError, KeyError, TypeError, OSError, RecursionError, SafetensorError, RuntimeError
+        ) as e:  # the files do not make an adapter for this model (incl. torch's errors): 400
+            raise FLoRAAdapterError(label, [f"{type(e).__name__}: {e}"]) from e  # incl. refused
+
+    return _load_adapter
+
+
+FAULT_ENV = "FLORA_TEST_LOAD_FAULT"
+"""Test seam (off unless set): `name=MemoryError,other=RuntimeError` makes the worker's load of
+adapter `name` raise that error, as a real out-of-memory or torch failure would."""
+_FAULTS = {"MemoryError": MemoryError, "RuntimeError": RuntimeError}
+
+
+def _injected_fault(name: str) -> BaseException | None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    for item in spec.split(","):
+        adapter, _, kind = item.partition("=")
+        if adapter == name and kind in _FAULTS:
+            return _FAULTS[kind](f"injected by {FAULT_ENV}")
+    return None
+
+
+def _check_lora_finite(label: str, lora: Any) -> None:
+    """Refuse a LoRA adapter with NaN/inf weights (vLLM checks none; FLoRA's loader does)."""
+    bad = []
+    for module, weights in lora.loras.items():
+        for which in ("lora_a", "lora_b"):
+            t = getattr(weights, which, None)
+            parts = t if isinstance(t, list) else [t]
+            if any(p is not None and not bool(torch.isfinite(p).all()) for p in parts):
+                bad.append(f"{module}.{which} holds NaN or inf values")
+    if bad:
+        raise FLoRAAdapterError(label, bad)
+
+
+def _wrap_add_adapter(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def _add_adapter(self: Any, lora: Any) -> None:
+        if isinstance(lora, FLoRAModelMixin):  # factors arrive per module, already arranged
+            self._registered_adapters[lora.id] = lora
+            return
+        orig(self, lora)
+
+    return _add_adapter
+
+
+def _wrap_activate_adapter(orig: Callable) -> Callable:
+    from flora_vllm.layers import FLoRALinearMixin
+
+    @functools.wraps(orig)
+    def activate_adapter(self: Any, lora_id: int) -> bool:
+        try:
+            activated = orig(self, lora_id)  # FLoRA models hold no LoRA weights: slot zeroed
+        except RuntimeError as e:  # LoRA weights that do not fit the layers (e.g. wrong width)
+            self.remove_adapter(lora_id)  # frees the half-written slot and the cache entry
+            raise FLoRAAdapterError(
+                f"id {lora_id}", [f"its LoRA weights do not fit the model's layers: {e}"]
+            ) from e
+        if activated:
+            index = self.lora_index_to_id.index(lora_id)
+            flora = getattr(self._registered_adapters[lora_id], "flora", {})
+            for name, module in self.modules.items():
+                if not isinstance(module, FLoRALinearMixin):
+                    continue
+                if name in flora:
+                    module.set_flora(index, *flora[name])
+                else:
+                    module.reset_flora(index)
+        return activated
+
+    return activate_adapter
+
+
+RESIDENCY_RPC = "flora_lora_residency"  # method the plugin adds to vLLM's worker wrapper
+
+
+def worker_lora_residency(worker: Any) -> list[tuple[int, str]]:
+    """Runs in each worker (collective RPC): (adapter id, "device" | "host") for every adapter
+    the worker holds; device = in a slot the batch reads, host = in the LRU cache only."""
+    manager = worker.model_runner.lora_manager._adapter_manager
+    slots = {i for i in manager.lora_index_to_id if i is not None}
+    return [(i, "device" if i in slots else "host") for i in list(manager._registered_adapters)]
