@@ -60,7 +60,7 @@ sys.path.insert(0, REPO_ROOT)  # run as a plain script from a repo checkout
 
 from benchmarks import common  # noqa: E402
 from flora_vllm.testing.tiny import LLAMA_TARGETS, TinySpec, build_llama  # noqa: E402
-from flora_vllm.training.train import flora_layers, inject_flora, save  # noqa: E402
+from flora_vllm.training.layer import flora_layers, inject_flora, save  # noqa: E402
 
 N_SYMBOLS = 48  # task alphabet: token ids FIRST .. FIRST + N_SYMBOLS - 1
 FIRST = 2

@@ -74,7 +74,8 @@ from benchmarks.accuracy import (  # noqa: E402
     prompt_logprobs,
     serve_and_score,
 )
-from flora_vllm.training.train import save, train  # noqa: E402
+from flora_vllm.training.layer import save  # noqa: E402
+from flora_vllm.training.train import train  # noqa: E402
 
 TASKS = ("add", "reverse", "zorbish")
 # Common words, each one token (with its leading space) in SmolLM2's tokenizer.

@@ -17,18 +17,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flora_vllm.adapter import load_adapter
 from flora_vllm.testing.tiny import _CORPUS, LLAMA_TARGETS, build_llama, linear_shapes
-from flora_vllm.training.train import (
+from flora_vllm.training.layer import (
     TrainableFLoRALinear,
-    encode,
     flora_layers,
     inject_flora,
-    lm_loss,
-    main,
     per_example_adapters,
     save,
     set_active_adapter,
-    train,
 )
+from flora_vllm.training.train import encode, lm_loss, main, train
 
 TEXTS = [line for line in _CORPUS for _ in range(2)]  # 14 short examples, each seen twice
 

@@ -6,6 +6,8 @@
 
 The adapted weight is W0 ∘ ((flora_alpha / r) · B @ A); all-ones factors with alpha 1 are the
 base. The names below are the format's API, used by the trainer, the converter and the worker.
+
+Runs in: the worker (loading), the trainer and converter (writing), tests (any process).
 """
 
 from flora_vllm.adapter.config import (

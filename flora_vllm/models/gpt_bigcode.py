@@ -1,6 +1,8 @@
 """Native vLLM 0.29 implementation of StarCoder's architecture (``GPTBigCodeForCausalLM``).
 
 vLLM 0.29 serves it via the Transformers backend, where LoRA on the fused ``c_attn`` is dropped.
+
+Runs in: the worker process (vLLM builds it from the plugin's ModelRegistry entry).
 """
 
 from collections.abc import Iterable

@@ -6,6 +6,8 @@ compile would bake the traced step's branch into every later step. Here each suc
 `flora::eager_layer` node instead: the graph calls it with the activations, and its body runs the
 layer's ordinary eager code at run time, so the rest of the model (norms, rotary, activations,
 attention glue) is compiled while the adapter layers keep their per-step dispatch. Pure torch.
+
+Runs in: the worker (registration at layer creation, calls in every forward pass).
 """
 
 from __future__ import annotations

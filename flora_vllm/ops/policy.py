@@ -11,6 +11,8 @@ expanded FLoRA against LoRA; this one weighs the two FLoRA forms, per adapter se
 
 with mm(m) = out·in·f(m) and merge(r) = out·in·(g0 + g1·r), f and g calibrated on the running
 machine (a few timed matmuls, cached on disk). Both forms give the same answer up to rounding.
+
+Runs in: the worker (calibrated once per process, cached on disk; asked per layer call).
 """
 
 from __future__ import annotations

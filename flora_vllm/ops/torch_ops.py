@@ -8,6 +8,8 @@ carries the `alpha / r` scale). Per token x_t served by adapter s_t of rank r_s 
 so a whole mixed batch costs ONE dense matmul of Σ_t max(r_{s_t}, 1) rows against W0: each
 FLoRA token contributes r_s rows (its input scaled by A_s[k]), each plain token one unscaled row.
 Identity factors (A = 1, B = 1, rank 1) give back the base output exactly.
+
+Runs in: the worker (every FLoRA layer call on the CPU) and the trainer (autograd through it).
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ the plain row; a `token_slots` longer than x has its tail ignored; rows k >= ran
 Cost: a block pays for its largest rank (rounded up to RANK_CHUNK) on every token in it, e.g.
 one rank-8 token makes its 15 neighbours do 8 rank rows of work. Decode (memory-bound) does not
 care; prefill with mixed ranks would gain from grouping tokens by rank first (future work).
+
+Runs in: the worker (CUDA, or the CPU under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ An operator who lets tenants load adapters at runtime (`/v1/load_lora_adapter`) 
 read arbitrary files of the server. With roots set (FLORA_ADAPTER_ROOTS), an adapter path must be
 a local folder that resolves inside a root, and so must every file in it: `..` tricks and
 symlinks pointing outside are refused, as are hub ids and URLs (they would be downloaded).
+
+Runs in: the API server (middleware, load checks), the worker (load checks) and the Ray app.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ counted under `adapter=""`, `adapter_type="base"`.
 Bounded: an adapter's series are removed once it is unloaded and its last request is gone
 (`forget`), and at most `FLORA_METRICS_MAX_ADAPTERS` (default 1024) adapters have series of
 their own at a time; requests of any further adapter are counted under `adapter="_other"`.
+
+Runs in: the API server (or a Ray replica), where requests finish; the Ray ingress renders.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Nothing can be downloaded from a hub here, so the demo and the tests build their
 fly: weights drawn with a fixed seed and a large init scale (so adapters visibly change the
 output), head_dim 64 (vLLM's CPU attention rejects 16), and a byte-level BPE tokenizer trained
 on a few lines of text.
+
+Runs in: the test or benchmark process, before any server starts (no vLLM import).
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ adapter. ALS starts from the truncated SVD of M (regularised to 1 where W0 is ~0
 can only lower the error, and a fit worse than the identity factor (which scores exactly 1) is
 replaced by it, so the error never exceeds 1. ALS finds a local minimum, not always the best
 one. Check the report before serving a converted adapter.
+
+Runs in: the CLI process (`flora-vllm convert`), offline; no vLLM import.
 """
 
 from __future__ import annotations
