@@ -50,6 +50,7 @@ HOOK_TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.lora.punica_wrapper.punica_base", "convert_mapping"),
     ("vllm.lora.punica_wrapper.punica_base", "PunicaWrapperBase.update_metadata"),
     ("vllm.lora.punica_wrapper.punica_base", "PunicaWrapperBase.token_lora_indices"),  # read
+    ("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA._apply_lora_to_output"),  # called
     ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA._get_logits"),
     ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA.set_lora"),
     ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA.reset_lora"),

@@ -16,8 +16,10 @@ Runs in the worker, once per step or per layer call. Hooks (targets checked in
   `LogitsProcessorWithLoRA` / `VocabParallelEmbeddingWithLoRA` (`set_lora` / `reset_lora` /
   `_get_logits` / `forward`: the lm_head and embedding LoRA only while some slot has such
   weights): what adapter mode costs requests that use no adapter.
-- Read by the FLoRA layers (`step_slots`, `slots_buffer`, `cpu_linear`): the punica wrapper's
-  `token_lora_indices` / `_token_lora_indices` and the CPU linear layer's `cpu_linear`.
+- Used by the FLoRA layers (`step_host_counts`, `step_slots`, `slots_buffer`, `cpu_linear`,
+  `make_gemm`, `lora_on_output`): the punica wrapper's `token_lora_indices` /
+  `_token_lora_indices`, the CPU linear layer's `cpu_linear`, and vLLM's
+  `_apply_lora_to_output`, so that `flora_vllm.layers` touches no private vLLM name itself.
 """
 
 from __future__ import annotations
@@ -280,3 +282,9 @@ def make_gemm(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     dispatch_cpu_unquantized_gemm(shim, remove_weight=False)
     fn = shim.cpu_linear
     return lambda x: fn(x, weight, None)
+
+
+def lora_on_output(layer: Any, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """vLLM's LoRA (punica) added onto a layer's output for the step's LoRA tokens (a private
+    method of `BaseLinearLayerWithLoRA`, which every `<Base>WithFLoRA` inherits)."""
+    return layer._apply_lora_to_output(x, output)

@@ -22,6 +22,7 @@ from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from flora_vllm.config import get_config
 from flora_vllm.hooks.worker_step import (
     cpu_linear,
+    lora_on_output,
     make_gemm,
     slots_buffer,
     step_host_counts,
@@ -207,7 +208,7 @@ class FLoRALinearMixin:
         x2 = x.flatten(0, -2) if x.ndim == 3 else x  # [T, in]
         fused = _runs_fused(x2)
         if fused and _in_graph(x2):  # CUDA graph capture: no host-side branch, the kernel decides
-            output = self._apply_lora_to_output(x2, self._apply_fused(x2, bias))
+            output = lora_on_output(self, x2, self._apply_fused(x2, bias))
             return output.reshape(*x.shape[:-1], output.shape[-1])
         counts = self.step_counts(x2.shape[0])
         present = [s for s in self._flora_slots if counts[s + 1]]
@@ -219,7 +220,7 @@ class FLoRALinearMixin:
         else:
             output = self._apply_torch(x2, bias, counts, present)
         if lora_tokens:  # punica adds LoRA for LoRA slots (FLoRA slots hold zero LoRA weights)
-            output = self._apply_lora_to_output(x2, output)
+            output = lora_on_output(self, x2, output)
         return output.reshape(*x.shape[:-1], output.shape[-1])
 
     def _apply_torch(
