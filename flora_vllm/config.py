@@ -1,5 +1,7 @@
 """Engine-wide FLoRA settings, read once per process from the environment (vLLM starts several
-processes, so flags cannot be passed to the workers directly; env vars reach all of them)."""
+processes, so flags cannot be passed to the workers directly; env vars reach all of them).
+
+Runs in: every process (the CLI, vLLM's API server, engine core and workers, Ray replicas)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 this project's trainer, each doing a job a person sees at a glance, scored on held-out questions.
 
 Runs in the CLI process: training (transformers + `flora_vllm.training.train`, or PEFT for the
-LoRA) and
-the OpenAI client; the vLLM server is a child process (`flora_vllm.serving.server.ServerProcess`).
+LoRA) and the OpenAI client; the vLLM server is a child process
+(`flora_vllm.serving.server.ServerProcess`).
 The adapters for SmolLM2 ship in `flora_vllm/demo/adapters/` (made by `build_adapters`, see its
 MANIFEST.json); for any other model folder, or with `--retrain`, they are trained once into a
 cache. `--tiny` runs the random tiny models of the tests instead.

@@ -3,6 +3,8 @@
 The server is vLLM's own (`vllm.entrypoints.openai.api_server`); the plugin is loaded by vLLM from
 the entry point, so every vLLM server flag works unchanged. We only add defaults that make a
 multi-adapter server start on a CPU box, and never override a flag the user gave.
+
+Runs in: the CLI, test or benchmark process that starts the server (and checks vLLM first).
 """
 
 from __future__ import annotations
