@@ -183,3 +183,62 @@ def test_layer_routes_each_pass_to_its_work(monkeypatch, fused, in_graph, counts
     layer = _Routed({0}, counts)  # slot 0 holds a FLoRA adapter, slot 1 a LoRA one
     out = layers.FLoRALinearMixin.apply(layer, torch.zeros(3, 8))
     assert layer.calls == expected and out.shape == (3, 4)
+
+
+class _Manager:
+    """The worker's LoRA model manager, as `LRUCacheWorkerLoRAManager.add_adapter` uses it."""
+
+    def __init__(self, held: list[int]) -> None:
+        self._registered_adapters = dict.fromkeys(held, "model")
+        self.calls: list[tuple] = []
+
+    def list_adapters(self) -> dict:
+        self.calls.append(("list_adapters",))
+        return dict(self._registered_adapters)
+
+    def get_adapter(self, lora_id: int):
+        self.calls.append(("get_adapter", lora_id))
+        return self._registered_adapters.get(lora_id)
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        self.calls.append(("activate_adapter", lora_id))
+        return True
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_held_adapter_is_touched_and_activated_without_listing_every_adapter(inplace):
+    """A step's adapter the worker holds: the same calls and answer as stock vLLM, minus the
+    copy of every registered id; a new one or a reload takes vLLM's own (loading) path."""
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
+
+    from flora_vllm.hooks import worker_adapters
+
+    stock = LRUCacheWorkerLoRAManager.add_adapter
+    stock = getattr(stock, "__wrapped__", stock)
+    loads: list[int] = []
+
+    class Worker:
+        list_adapters = WorkerLoRAManager.list_adapters
+
+        def __init__(self) -> None:
+            self._adapter_manager = _Manager(held=list(range(1, 257)))
+
+        def _load_adapter(self, request):
+            loads.append(request.lora_int_id)
+            raise RuntimeError("stop: the loading path")
+
+    hooked = worker_adapters._wrap_lru_add_adapter(stock)
+    held = LoRARequest("t7", 7, "/x", load_inplace=inplace)
+    ours, theirs = Worker(), Worker()
+    if inplace:  # a reload: vLLM's path, which loads the folder again
+        with pytest.raises(RuntimeError, match="loading path"):
+            hooked(ours, held)
+        assert loads == [7]
+        return
+    assert hooked(ours, held) is stock(theirs, held) is True
+    assert ours._adapter_manager.calls == [("get_adapter", 7), ("activate_adapter", 7)]
+    assert theirs._adapter_manager.calls == [("list_adapters",), *ours._adapter_manager.calls]
+    with pytest.raises(RuntimeError, match="loading path"):  # not held: vLLM loads it
+        hooked(ours, LoRARequest("new", 999, "/y"))
+    assert loads == [999]

@@ -36,6 +36,8 @@ HOOK_TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.lora.utils", "_all_lora_classes"),
     ("vllm.lora.worker_manager", "WorkerLoRAManager._load_adapter"),
     ("vllm.lora.model_manager", "LoRAModelManager._add_adapter"),
+    ("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.add_adapter"),
+    ("vllm.utils.gpu_sync_debug", "gpu_sync_allowed"),
     ("vllm.lora.model_manager", "LoRAModelManager.activate_adapter"),
     ("vllm.model_executor.models.utils", "WeightsMapper._map_name"),  # read: adapter key names
     ("vllm.v1.worker.worker_base", "WorkerWrapperBase.__getattr__"),  # RPC reaches the worker
@@ -140,6 +142,8 @@ def apply_hooks() -> None:
     _patch("vllm.lora.worker_manager", "WorkerLoRAManager._load_adapter",
            worker_adapters._wrap_load_adapter)
     _patch(manager, "LoRAModelManager._add_adapter", worker_adapters._wrap_add_adapter)
+    _patch("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.add_adapter",
+           worker_adapters._wrap_lru_add_adapter)
     _patch(manager, "LoRAModelManager.activate_adapter", worker_adapters._wrap_activate_adapter)
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
