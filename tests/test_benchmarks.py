@@ -223,6 +223,26 @@ def test_tenants_bench_smoke(tmp_path: Path) -> None:
     assert set(goals["flora_r1_over_base"]) == {"1", "4"}
 
 
+
+def test_tenants_engine_smoke(tmp_path: Path) -> None:
+    """vLLM's engine in-process on the tiny LLaMA: base requests and 1 and 4 distinct FLoRA
+    r=1 adapters per step, every token made (the script checks the count), one rep each."""
+    results = tmp_path / "results"
+    run_script(
+        [
+            "benchmarks/tenants_engine.py", "--tiny", "--distinct", "0", "1", "4",
+            "--prompts", "8", "--input-len", "16", "--output-len", "4", "--reps", "1",
+            "--workdir", str(tmp_path / "work"), "--results-dir", str(results),
+            "--tag", "smoke", "--no-plot",
+        ],  # fmt: skip
+        timeout=900,
+    )
+    result = json.loads((results / "smoke.json").read_text())
+    assert result["kind"] == "tenants_engine"
+    assert set(result["reps"]) == {"0", "1", "4"}
+    assert all(len(v) == 1 and v[0] > 0 for v in result["reps"].values())
+    assert result["summary"]["over_1_distinct"]["1"] == 1.0
+
 def test_policy_bench_smoke(tmp_path):
     """The execution-policy layer benchmark runs end to end and records every cell."""
     from benchmarks import policy_bench
