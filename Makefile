@@ -37,7 +37,7 @@ test-slow: setup
 test-image: setup
 	command -v podman >/dev/null && command -v debootstrap >/dev/null || { \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y podman debootstrap; }
-	$(PY) -m pytest -m slow -s tests/test_image.py
+	$(PY) -m pytest -m slow -s tests/docker/test_image.py
 
 ## SmolLM2-135M-Instruct with 3 trained FLoRA adapters and 1 LoRA: serve, ask, print, score.
 demo: setup

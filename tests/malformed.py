@@ -1,4 +1,5 @@
-"""Builders of malformed adapter folders for tests/test_bad_input.py: each copies a good adapter
+"""Builders of malformed adapter folders for tests/serving/test_bad_input.py: each copies a good
+adapter
 and breaks one thing (config fields, tensors, the safetensors header bytes, the folder layout,
 symlinks out of an allowed root). A builder takes a `Src` and returns the path to load."""
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 DOCKERFILE = REPO / "docker" / "Dockerfile.cpu"
 DEFAULT_BASE = "localhost/debian-bookworm:min"
 BASE = os.environ.get("FLORA_IMAGE_BASE", DEFAULT_BASE)

@@ -141,7 +141,7 @@ def test_bf16_with_fp32_factors_as_precise_as_a_bf16_merged_weight(slot_ranks):
     bf16 layer with the merged weight rounded once (the expanded form rounds x∘a and the GEMM
     output, a merged weight rounds only itself); factors rounded to bf16 themselves are worse
     than both, a systematic error in the adapter (why they stay fp32). The model-level check,
-    against the bf16-merged model, is tests/test_real_model.py."""
+    against the bf16-merged model, is tests/demo/test_real_model.py."""
     from flora_vllm.ops.torch_ops import factor_dtype
 
     assert factor_dtype(torch.bfloat16) == torch.float32

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASKS = ("chain", "copy-map", "reverse")
 METHODS = ("base (no adapter)", "flora-r1", "flora-r4", "lora-r1", "lora-r4", "ia3")
 

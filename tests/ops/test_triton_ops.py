@@ -27,7 +27,7 @@ if not triton_ops.is_triton_available():
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 RUNS_HERE = ON_GPU or triton_ops.interpreter_active()
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 needs_kernel = pytest.mark.skipif(
     not RUNS_HERE,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-DOCKER = Path(__file__).parents[1] / "docker"
+DOCKER = Path(__file__).parents[2] / "docker"
 DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile.*") if p.suffix != ".dockerignore")
 # The test extra installs hadolint into the venv, which need not be on PATH.
 VENV_BIN = str(Path(sys.executable).parent)
@@ -26,7 +26,8 @@ def test_images_start_the_flora_server():
 
 
 def test_base_image_is_a_build_argument():
-    """`--build-arg BASE=...` swaps the base (a mirror, or a local Debian: tests/test_image.py);
+    """`--build-arg BASE=...` swaps the base (a mirror, or a local Debian:
+    tests/docker/test_image.py);
     the defaults stay python:3.11-slim and vLLM's own 0.29.0 image."""
     defaults = {"Dockerfile.cpu": "python:3.11-slim", "Dockerfile.cuda": "vllm/vllm-openai:v0.29.0"}
     for name, base in defaults.items():

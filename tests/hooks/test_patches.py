@@ -14,7 +14,7 @@ import pytest
 import torch
 import vllm
 
-PATCHES = sorted((Path(__file__).parents[1] / "patches").glob("*.patch"))
+PATCHES = sorted((Path(__file__).parents[2] / "patches").glob("*.patch"))
 SITE = Path(vllm.__file__).parents[1]
 
 
