@@ -24,9 +24,9 @@ lint: setup
 test: lint
 	$(PY) -m pytest
 
-## The Ray Serve tests: tests/test_ray.py (also in `make test`) and the two-node kill test (slow).
+## The Ray Serve tests: tests/ray_serve/test_ray.py (also in `make test`) and the two-node kill test (slow).
 test-ray: setup
-	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled $(PY) -m pytest -m ray tests/test_ray.py tests/test_ray_nodes.py
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled $(PY) -m pytest -m ray tests/ray_serve
 
 ## Long end-to-end runs (excluded from `make test`).
 test-slow: setup

@@ -1,6 +1,9 @@
 """`flora-vllm` command line: `serve` (vLLM's OpenAI server with FLoRA), `demo` (SmolLM2 with
 trained adapters; `--tiny`: random models), `train`, `convert`, `ray-serve` and `fetch-model`
-(a real model's HF folder, made once)."""
+(a real model's HF folder, made once).
+
+Runs in: the CLI process; `serve` replaces itself with vLLM's API server (exec).
+"""
 
 from __future__ import annotations
 
@@ -109,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return train_main(argv[1:])
     if argv[:1] == ["ray-serve"]:
-        from flora_vllm.ray_serve import main as ray_main
+        from flora_vllm.ray_serve.app import main as ray_main
 
         return ray_main(argv[1:])
     if argv[:1] == ["convert"]:

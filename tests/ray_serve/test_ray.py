@@ -136,6 +136,7 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     from ray import serve
 
     from flora_vllm import ray_serve
+    from flora_vllm.ray_serve.app import deploy
     from flora_vllm.serving.server import free_port
     from flora_vllm.testing.tiny import (
         LLAMA_TARGETS,
@@ -176,7 +177,7 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     t_ray = time.monotonic() - t0
     try:
-        url = ray_serve.deploy(cfg, "127.0.0.1", free_port())
+        url = deploy(cfg, "127.0.0.1", free_port())
         t_up = time.monotonic() - t0
         client = OpenAI(base_url=url, api_key=KEY, timeout=300, max_retries=0)
         app = RayApp(url, paths, client, refs, 0.0)
@@ -403,7 +404,7 @@ def test_replica_killed_mid_run_later_requests_answered(ray_app: RayApp) -> None
 
 
 def test_cli_flags_become_ray_serve_llm_config() -> None:
-    from flora_vllm.ray_serve import parse_args
+    from flora_vllm.ray_serve.app import parse_args
 
     cfg, opts = parse_args(
         ["/m/base", "--adapters", "a=/m/a", "b=/m/b", "--replicas", "3", "--cpu"]
@@ -450,7 +451,8 @@ def test_bad_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
 def test_adapter_roots_bound_every_adapter_path(tmp_path) -> None:
     """`--adapter-root`: each static adapter must lie inside a root (every violation listed at
     start-up), and the engines get FLORA_ADAPTER_ROOTS, so they refuse anything else too."""
-    from flora_vllm.ray_serve import FloraServeConfig, parse_args
+    from flora_vllm.ray_serve import FloraServeConfig
+    from flora_vllm.ray_serve.app import parse_args
 
     root, other = tmp_path / "root", tmp_path / "other"
     (root / "a").mkdir(parents=True)
@@ -529,10 +531,10 @@ def test_router_follows_an_adapter_until_its_replica_reports_it(monkeypatch) -> 
     """A late report (a busy controller) does not end the stickiness; the report does."""
     from types import SimpleNamespace
 
-    from flora_vllm import ray_serve
+    from flora_vllm.ray_serve import router as ray_router
 
     clock = [0.0]
-    monkeypatch.setattr(ray_serve.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ray_router.time, "monotonic", lambda: clock[0])
     router = _router({"A": 0, "B": 0}, {"A": set(), "B": set()})
     request = SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id="base:y"))
     router.on_request_routed(request, "B", None)
@@ -563,12 +565,12 @@ def test_router_memory_of_recent_adapters_is_bounded(monkeypatch) -> None:
     keeps only recent ones (sticky window) and never more than RECENT_MAX."""
     from types import SimpleNamespace
 
-    from flora_vllm import ray_serve
+    from flora_vllm.ray_serve import router as ray_router
 
-    router = ray_serve.AdapterAffinityRouter.__new__(ray_serve.AdapterAffinityRouter)
+    router = ray_router.AdapterAffinityRouter.__new__(ray_router.AdapterAffinityRouter)
     router.initialize_state(sticky_s=5.0)
     clock = [0.0]
-    monkeypatch.setattr(ray_serve.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ray_router.time, "monotonic", lambda: clock[0])
 
     def route(name: str, replica: str = "r1") -> None:
         meta = SimpleNamespace(multiplexed_model_id=name)
@@ -576,7 +578,7 @@ def test_router_memory_of_recent_adapters_is_bounded(monkeypatch) -> None:
 
     for i in range(10_000):  # all within one sticky window
         route(f"base:unknown-{i}")
-    assert len(router._recent) == ray_serve.RECENT_MAX
+    assert len(router._recent) == ray_router.RECENT_MAX
     assert "base:unknown-9999" in router._recent and "base:unknown-0" not in router._recent
     clock[0] = 6.0  # past the window: the next insert prunes every stale entry
     route("flora-r1")

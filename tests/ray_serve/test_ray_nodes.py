@@ -336,6 +336,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeApp]:
     from ray import serve
 
     from flora_vllm import ray_serve
+    from flora_vllm.ray_serve.app import deploy as deploy_app
     from flora_vllm.serving.server import free_port
     from flora_vllm.testing.tiny import build_demo_set
 
@@ -367,7 +368,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeApp]:
 
         def deploy() -> None:
             try:
-                deployed["url"] = ray_serve.deploy(cfg, "127.0.0.1", free_port())
+                deployed["url"] = deploy_app(cfg, "127.0.0.1", free_port())
             except BaseException as e:  # noqa: BLE001 -- re-raised in the test's thread
                 deployed["error"] = e
 
