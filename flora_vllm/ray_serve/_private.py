@@ -22,8 +22,7 @@ Read at runtime (instance attributes, set in Ray's constructors, so not checkabl
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from flora_vllm.pinned import fail_on, pin_problems
 
 try:  # Ray's private names; where one is gone, the end of this module lists every problem
     from ray.llm._internal.common.models import global_id_manager
@@ -93,38 +92,20 @@ RAY_TARGETS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _resolve(module: str, dotted: str) -> Any:
-    """The value of `module` + `A.b` dotted attribute."""
-    owner: Any = importlib.import_module(module)
-    for name in dotted.split("."):
-        owner = getattr(owner, name)
-    return owner
-
-
 def ray_problems() -> list[str]:
     """Why the installed Ray cannot run the app (empty: the pinned release, every target)."""
     import ray
 
-    problems = []
-    if ray.__version__ != SUPPORTED_RAY:
-        problems.append(
-            f"flora_vllm.ray_serve supports Ray {SUPPORTED_RAY}, found {ray.__version__}; "
-            f"install ray[serve]=={SUPPORTED_RAY} (the `ray` extra)"
-        )
-    for module, attr in RAY_TARGETS:
-        try:
-            _resolve(module, attr)
-        except (ImportError, AttributeError) as e:
-            problems.append(f"Ray target {module}.{attr} is missing ({e})")
-    return problems
+    install = f"ray[serve]=={SUPPORTED_RAY} (the `ray` extra)"
+    return pin_problems(
+        "flora_vllm.ray_serve", "Ray", ray.__version__, SUPPORTED_RAY, install, RAY_TARGETS,
+        "Ray target",
+    )
 
 
 def check_ray() -> None:
     """Fail loudly unless the installed Ray is the pinned release with every target."""
-    if problems := ray_problems():
-        raise RuntimeError(
-            "flora_vllm.ray_serve cannot run on this Ray:\n  - " + "\n  - ".join(problems)
-        )
+    fail_on(ray_problems(), "flora_vllm.ray_serve cannot run on this Ray")
 
 
 if _IMPORT_ERROR is not None:  # an import above failed: name every problem, else re-raise it
