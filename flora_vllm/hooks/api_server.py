@@ -56,14 +56,17 @@ def _leased_cls() -> type:
 
     class LeasedLoRARequest(LoRARequest, weakref=True):  # type: ignore[call-arg]
         """A request's own copy of its adapter's LoRARequest; while it lives, the request holds
-        a reference on the adapter id (`lifecycle.ADAPTERS`). Compares and hashes by name, as
-        LoRARequest does (msgspec would otherwise compare fields and refuse to hash)."""
+        a reference on the adapter id (`lifecycle.ADAPTERS`). Compares and hashes exactly as the
+        installed LoRARequest does (by name up to vLLM 0.33, by (name, id) from 0.34), with a
+        plain LoRARequest on either side (msgspec would otherwise compare every field and
+        refuse to hash)."""
 
         def __eq__(self, other: object) -> bool:
-            return isinstance(other, LoRARequest) and self.lora_name == other.lora_name
+            # The stock method checks `isinstance(value, self.__class__)`: called on `other`, it
+            # accepts this subclass; called on self it would refuse a plain LoRARequest.
+            return isinstance(other, LoRARequest) and LoRARequest.__eq__(other, self)
 
-        def __hash__(self) -> int:
-            return hash(self.lora_name)
+        __hash__ = LoRARequest.__hash__
 
     return LeasedLoRARequest
 

@@ -8,7 +8,8 @@ process runs at start-up. Hooks (targets checked in `flora_vllm.hooks`):
   request of that id; a request arriving with a removed id fails alone (reads
   `EngineCoreProc._send_error_outputs_to_client`).
 - `vllm.v1.core.kv_cache_utils._gen_lora_extra_hash_keys`: prefix-cache blocks are keyed by
-  adapter name *and id*, so a reloaded adapter never reuses KV computed with its old weights.
+  adapter name *and id*, so a reloaded adapter never reuses KV computed with its old weights
+  (two variants: a string key up to vLLM 0.30, the tagged tuple from 0.31).
 - `CpuPlatform.check_and_update_config`: keeps vLLM's compilation with LoRA on (adapter layers
   are opaque nodes), and refuses adapters with pipeline parallelism at start-up.
 """
@@ -180,8 +181,27 @@ def _wrap_cpu_check_config(orig: Callable) -> Callable:
 # --- prefix cache -----------------------------------------------------------------------------
 
 
-def _lora_extra_hash_keys(request: Any) -> list[str]:
-    """Block-hash key of a request's adapter: name and id. Stock vLLM keys by name only, so an
-    adapter reloaded under its name with new weights would reuse KV blocks of the old weights."""
+def _lora_extra_hash_keys_named(request: Any) -> list[str]:
+    """vLLM <= 0.30: block-hash key of a request's adapter, name and id. Stock vLLM keys by
+    name only, so an adapter reloaded under its name with new weights would reuse KV blocks of
+    the old weights."""
     lora = request.lora_request
     return [] if lora is None else [f"{lora.lora_name}#{lora.lora_int_id}"]
+
+
+def _lora_extra_hash_keys_tagged(request: Any) -> list[tuple[str, str, str, int]]:
+    """vLLM >= 0.31: the tagged key `("lora", name, path)` with the id appended. Stock keys by
+    path, so a reload from the same (rewritten) folder would reuse stale KV blocks; KV events
+    still read the tag and the name (`to_event_extra_keys`: `key[0]`, `key[1]`)."""
+    lora = request.lora_request
+    if lora is None:
+        return []
+    return [("lora", lora.lora_name, lora.lora_path, lora.lora_int_id)]
+
+
+def _replace_hash_keys_named(_stock: Callable) -> Callable:
+    return _lora_extra_hash_keys_named
+
+
+def _replace_hash_keys_tagged(_stock: Callable) -> Callable:
+    return _lora_extra_hash_keys_tagged

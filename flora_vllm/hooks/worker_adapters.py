@@ -3,6 +3,7 @@
 Runs where vLLM's model runner lives (the worker; the engine core on a single-process CPU
 server). Hooks (targets checked in `flora_vllm.hooks`):
 
+- `vllm.lora.utils._all_lora_classes`: the FLoRA layer wrappers, tried before vLLM's own.
 - `WorkerLoRAManager._load_adapter`: FLoRA folders load as FLoRAModel; unknown peft_type values
   are refused (stock vLLM applies them as additive LoRA); LoRA weights with NaN/inf are refused;
   paths outside FLORA_ADAPTER_ROOTS are refused; load errors carry a 4xx marker.
@@ -43,6 +44,14 @@ logger = logging.getLogger("flora_vllm")
 
 
 # --- adapter loading -------------------------------------------------------------------------
+
+
+def _with_flora_layer_classes(stock: Any) -> tuple:
+    """vLLM's LoRA layer classes with the FLoRA ones first (`from_layer` tries them in order)."""
+    from flora_vllm.layers import FLORA_LAYER_CLASSES
+
+    return FLORA_LAYER_CLASSES + tuple(stock)
+
 
 
 class FLoRAModelMixin:

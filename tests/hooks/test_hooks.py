@@ -10,19 +10,19 @@ from flora_vllm import hooks
 from flora_vllm.hooks import api_metrics, worker_step
 from flora_vllm.testing.tiny import make_flora_adapter
 
+pytestmark = pytest.mark.line  # also run on the other vLLM line (`make test-line`)
+
 
 def test_version_drift_fails_loudly(monkeypatch):
     import vllm
 
-    monkeypatch.setattr(vllm, "__version__", "0.30.1")
-    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.29\.0, found 0\.30\.1"):
+    monkeypatch.setattr(vllm, "__version__", "0.35.1")
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.29\.0, .*0\.34\.0, found 0\.35\.1"):
         hooks.check_vllm()
 
 
 def test_missing_hook_target_fails_loudly(monkeypatch):
-    monkeypatch.setattr(
-        hooks, "HOOK_TARGETS", (*hooks.HOOK_TARGETS, ("vllm.lora.utils", "_gone"))
-    )
+    monkeypatch.setattr(hooks, "HOOKS", (*hooks.HOOKS, hooks.Hook("vllm.lora.utils", "_gone")))
     with pytest.raises(RuntimeError, match=r"vllm\.lora\.utils\._gone is missing"):
         hooks.check_vllm()
 
@@ -125,13 +125,13 @@ def test_plugin_leaves_another_vllm_untouched(monkeypatch):
 
     from flora_vllm import plugin
 
-    monkeypatch.setattr(vllm, "__version__", "0.30.1")
+    monkeypatch.setattr(vllm, "__version__", "0.35.1")
     monkeypatch.delenv("FLORA_DISABLE", raising=False)
     _no_hooks(monkeypatch)
     with _Records() as records:
         plugin.register()  # no exception
     errors = [r.getMessage() for r in records if r.levelname == "ERROR"]
-    assert errors and "0.29.0" in errors[0] and "0.30.1" in errors[0], errors
+    assert errors and "0.29.0" in errors[0] and "0.35.1" in errors[0], errors
 
 
 def test_flora_disable_switches_the_plugin_off(monkeypatch):
@@ -152,10 +152,10 @@ def test_flora_vllm_serve_refuses_another_vllm(monkeypatch):
 
     from flora_vllm.serving import server
 
-    monkeypatch.setattr(vllm, "__version__", "0.30.1")
+    monkeypatch.setattr(vllm, "__version__", "0.35.1")
     monkeypatch.delenv("FLORA_DISABLE", raising=False)
     monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("vLLM was started"))
-    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.29\.0, found 0\.30\.1"):
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.29\.0, .*0\.34\.0, found 0\.35\.1"):
         server.exec_server(["--model", "m"])
 
 

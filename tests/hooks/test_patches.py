@@ -1,4 +1,5 @@
-"""patches/: every diff still applies to the installed vLLM, and the CPU ops fix works."""
+"""patches/<line>/: each line's diffs apply to its release (the installed one, and the other
+tested line's released sources), and once applied the fixes work."""
 
 from __future__ import annotations
 
@@ -14,7 +15,16 @@ import pytest
 import torch
 import vllm
 
-PATCHES = sorted((Path(__file__).parents[2] / "patches").glob("*.patch"))
+from flora_vllm.hooks import minor
+
+pytestmark = pytest.mark.line  # also run on the other vLLM line (`make test-line`)
+
+ROOT = Path(__file__).parents[2] / "patches"
+LINES = {"0.29": "0.29.0", "0.32": "0.32.0"}  # patches/<line>/ -> the release it is made for
+INSTALLED_LINE = next(
+    (line for line, v in LINES.items() if minor(v) == minor(vllm.__version__)), None
+)
+PATCHES = sorted((ROOT / INSTALLED_LINE).glob("*.patch")) if INSTALLED_LINE else []
 SITE = Path(vllm.__file__).parents[1]
 
 
@@ -28,8 +38,34 @@ def _apply(patch: Path, root: Path, dry_run: bool) -> subprocess.CompletedProces
     return subprocess.run(args, input=patch.read_text(), text=True, capture_output=True)
 
 
-def test_there_are_patches():
-    assert len(PATCHES) >= 6
+def test_every_line_has_the_same_patches():
+    """The installed release has a line, and each line carries the same changes."""
+    assert INSTALLED_LINE is not None, f"no patches/ line for vLLM {vllm.__version__}"
+    names = {line: sorted(p.name for p in (ROOT / line).glob("*.patch")) for line in LINES}
+    assert len(names["0.29"]) >= 12 and len(set(map(tuple, names.values()))) == 1, names
+
+
+def _line_sources(line: str) -> Path:
+    if line == INSTALLED_LINE:
+        return SITE
+    from test_vllm_range import release_sources
+
+    return release_sources(LINES[line])
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
+@pytest.mark.parametrize("line", sorted(LINES))
+def test_all_patches_of_a_line_apply_in_order_to_its_release(line, tmp_path):
+    """Upstream would take them together: each applies, on top of the ones before, to the
+    release of its line (the installed one, or the other line's released sources)."""
+    patches = sorted((ROOT / line).glob("*.patch"))
+    source = _line_sources(line)
+    for target in sorted({t for p in patches for t in _targets(p)}):
+        os.makedirs(tmp_path / os.path.dirname(target), exist_ok=True)
+        shutil.copy(source / target, tmp_path / target)
+    for patch in patches:
+        result = _apply(patch, tmp_path, dry_run=False)
+        assert result.returncode == 0, (line, patch.name, result.stdout + result.stderr)
 
 
 @pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
@@ -39,12 +75,16 @@ def test_patch_applies_to_installed_vllm(patch):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _patched_module(number: str, root: Path) -> ModuleType:
-    """The one file patch `number` changes, patched under `root` and imported on its own."""
+def _patched_module(number: str, root: Path, target: str | None = None) -> ModuleType:
+    """A file patch `number` changes (its only one, or `target`), patched under `root` and
+    imported on its own."""
     patch = next(p for p in PATCHES if p.name.startswith(number))
-    (target,) = _targets(patch)
-    os.makedirs(root / os.path.dirname(target))
-    shutil.copy(SITE / target, root / target)
+    targets = _targets(patch)
+    if target is None:
+        (target,) = targets
+    for each in targets:
+        os.makedirs(root / os.path.dirname(each), exist_ok=True)
+        shutil.copy(SITE / each, root / each)
     assert _apply(patch, root, dry_run=False).returncode == 0
     spec = importlib.util.spec_from_file_location(f"patched_{number}", root / target)
     module = importlib.util.module_from_spec(spec)
@@ -73,17 +113,6 @@ def test_patched_cpu_ops_give_no_lora_to_tokens_without_adapter(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
-def test_all_patches_apply_in_order(tmp_path):
-    """Upstream would take them together: each applies on top of the ones before."""
-    for target in sorted({t for p in PATCHES for t in _targets(p)}):
-        os.makedirs(tmp_path / os.path.dirname(target), exist_ok=True)
-        shutil.copy(SITE / target, tmp_path / target)
-    for patch in PATCHES:
-        result = _apply(patch, tmp_path, dry_run=False)
-        assert result.returncode == 0, (patch.name, result.stdout + result.stderr)
-
-
-@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
 def test_patched_prefix_cache_key_tells_reloads_apart(tmp_path):
     """0007 applied: the same adapter name under a new id hashes to a different key."""
     from types import SimpleNamespace
@@ -108,7 +137,7 @@ def test_patched_step_adapters_keep_both_ids_of_one_name(tmp_path):
     import numpy as np
     from vllm.lora.request import LoRARequest
 
-    batch_module = _patched_module("0011", tmp_path)
+    batch_module = _patched_module("0011", tmp_path, "vllm/v1/worker/gpu_input_batch.py")
     batch = SimpleNamespace(
         num_reqs=2,
         request_lora_mapping=np.array([80, 88]),
@@ -117,3 +146,17 @@ def test_patched_step_adapters_keep_both_ids_of_one_name(tmp_path):
     ones = np.ones(2, dtype=np.int32)
     _, _, requests = batch_module.InputBatch.make_lora_inputs(batch, ones, ones)
     assert sorted(r.lora_int_id for r in requests) == [80, 88]
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
+def test_patched_v2_runner_keeps_both_ids_of_one_name(tmp_path):
+    """0011 applied to the V2 model runner (CUDA's default): both ids of one name active."""
+    import numpy as np
+    from vllm.lora.request import LoRARequest
+
+    utils = _patched_module("0011", tmp_path, "vllm/v1/worker/gpu/lora_utils.py")
+    state = utils.LoraState(max_num_reqs=2)
+    state.add_request("r0", 0, LoRARequest("a", 80, "/a"))
+    state.add_request("r1", 1, LoRARequest("a", 88, "/a"))
+    assert sorted(r.lora_int_id for r in state.get_activate_loras(["r0", "r1"])) == [80, 88]
+    assert np.array_equal(state.lora_ids[:2], [80, 88])

@@ -44,6 +44,8 @@ from flora_vllm.hooks import worker_step
 from flora_vllm.ops.merge_cache import MergedWeightCache
 from flora_vllm.ops.policy import CostModel
 
+pytestmark = pytest.mark.line  # also run on the other vLLM line (`make test-line`)
+
 if TYPE_CHECKING:
     from vllm.config.lora import LoRAConfig
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU

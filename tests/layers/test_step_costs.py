@@ -11,6 +11,8 @@ import torch
 
 from flora_vllm.hooks import worker_step
 
+pytestmark = pytest.mark.line  # also run on the other vLLM line (`make test-line`)
+
 
 def _stock():
     from vllm.lora.punica_wrapper import utils

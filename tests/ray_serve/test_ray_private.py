@@ -51,3 +51,30 @@ def test_a_missing_target_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
         _private.check_ray()
     assert "LLMServer._no_such_method" in str(err.value)
     assert "no_such_module.anything" in str(err.value)
+
+
+def test_a_vllm_ray_serve_cannot_run_on_is_refused_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM 0.33+ lost the module Ray 2.60's Serve LLM imports: refused at start, naming the
+    releases it runs on and the commands that install one."""
+    import vllm
+
+    from flora_vllm.ray_serve import _private
+
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
+    problems = _private.ray_problems()
+    assert "found 0.34.0" in problems[0] and "cli_args" in problems[0]
+    assert "make setup VLLM=0.29" in problems[0] and "0.32.0" in problems[0]
+    with pytest.raises(RuntimeError, match="Serve LLM runs on vLLM 0.29.0"):
+        _private.check_ray()
+    monkeypatch.setattr(vllm, "__version__", "0.29.0")
+    assert _private.vllm_for_ray_problems(vllm.__version__) == []
+
+
+def test_ray_serve_llm_engine_imports_on_the_installed_vllm() -> None:
+    """Ray's vLLM engine module (what the replicas run) imports next to the installed vLLM."""
+    import importlib
+
+    importlib.import_module("ray.llm._internal.serve.engines.vllm.vllm_engine")
+    importlib.import_module("ray.serve.llm")

@@ -529,6 +529,7 @@ def _held(hold_dir: Path, n: int, timeout: float = 120.0) -> list[tuple[str, int
     return [(name, int(i)) for name, i in (f.read_text().split() for f in files)]
 
 
+@pytest.mark.line
 def test_request_held_across_unload_and_reload(env: LoadEnv, tmp_path: Path) -> None:
     """A request resolves adapter `held-x` and is held before the engine (longer than the old
     grace timer) while `held-x` is unloaded, its files replaced and loaded again; three requests

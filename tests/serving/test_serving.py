@@ -74,6 +74,7 @@ def run_mixed_batch(server: ServerProcess, paths: dict[str, str]) -> dict[str, f
     return worst
 
 
+@pytest.mark.line
 def test_llama_mixed_batch_every_slot_full(llama_server, model_sets):
     """Also: the model ran compiled, with the adapter layers as opaque nodes (FLORA_COMPILE)."""
     run_mixed_batch(llama_server, model_sets["llama"])
@@ -94,7 +95,7 @@ def test_llama_mixed_batch_eager(model_sets, tmp_path):
 @pytest.mark.parametrize(
     ("arch", "max_loras", "execution"),
     [
-        ("starcoder", len(ADAPTERS), "auto"),
+        pytest.param("starcoder", len(ADAPTERS), "auto", marks=pytest.mark.line),
         ("llama", 1, "auto"),
         ("starcoder", 1, "auto"),
         ("llama", len(ADAPTERS), "expanded"),
