@@ -317,7 +317,14 @@ def defined_in_source(root: Path, module: str, dotted: str, depth: int = 0) -> b
     if tree is None or depth > 8:
         return False
     head, *rest = dotted.split(".")
+    if not rest and package and _module_tree(root, f"{module}.{head}")[0] is not None:
+        return True  # a submodule (`from vllm import envs`)
     for node in _top_level(tree.body):
+        if isinstance(node, ast.ImportFrom) and [a.name for a in node.names] == ["*"]:
+            origin = _import_source(node, module, package, "*")[0]
+            if defined_in_source(root, origin, dotted, depth + 1):
+                return True
+            continue
         if head not in _names(node):
             continue
         if isinstance(node, ast.ImportFrom):
@@ -363,3 +370,29 @@ def test_every_target_of_a_release_exists_in_its_sources(version):
     assert not missing, f"vLLM {version}: {missing}"
     if hooks.minor(version) >= (0, 34):
         assert not defined_in_source(root, "vllm.v1.worker.gpu_input_batch", "InputBatch")
+
+
+def plugin_vllm_imports() -> set[tuple[str, str]]:
+    """Every `from vllm... import name` anywhere in the plugin's package (module level or in a
+    function), as (module, name)."""
+    package = Path(hooks.__file__).parents[1]
+    found = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vllm"):
+                found |= {(node.module, a.name) for a in node.names}
+    return found
+
+
+@pytest.mark.parametrize("version", hooks.SUPPORTED_VLLM)
+def test_every_vllm_import_of_the_plugin_exists_in_each_release(version):
+    """The names the plugin imports from vLLM (its layers, the native StarCoder model, the
+    hooks' helpers), looked up in each supported release's sources."""
+    import vllm
+
+    installed = version == _installed()
+    root = Path(vllm.__file__).parents[1] if installed else release_sources(version)
+    imports = plugin_vllm_imports()
+    assert len(imports) > 40
+    missing = sorted(f"{m}.{n}" for m, n in imports if not defined_in_source(root, m, n))
+    assert not missing, f"vLLM {version}: {missing}"
