@@ -8,14 +8,24 @@ import os
 GPT_BIGCODE = "GPTBigCodeForCausalLM"
 
 
+class _ToVllmLogger(logging.Handler):
+    """Hands each `flora_vllm` record to vLLM's logger's handlers at emit time, so our lines
+    appear in the server log with vLLM's format in every process, including those where vLLM
+    sets its handlers up only after the plugin registered (vLLM 0.32's API server)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        vllm_logger = logging.getLogger("vllm")
+        if vllm_logger.isEnabledFor(record.levelno):
+            vllm_logger.handle(record)
+
+
 def _log_like_vllm() -> None:
-    """Route the `flora_vllm` logger through vLLM's handlers, so our lines (hooks installed,
-    cost model calibrated) appear in the server log with vLLM's format."""
-    ours, vllm_logger = logging.getLogger("flora_vllm"), logging.getLogger("vllm")
-    if not ours.handlers and vllm_logger.handlers:
-        for handler in vllm_logger.handlers:
-            ours.addHandler(handler)
-        ours.setLevel(vllm_logger.level or logging.INFO)
+    """Route the `flora_vllm` logger through vLLM's handlers (hooks installed, cost model
+    calibrated, adapters released): INFO and up, formatted as vLLM's own lines."""
+    ours = logging.getLogger("flora_vllm")
+    if not any(isinstance(h, _ToVllmLogger) for h in ours.handlers):
+        ours.addHandler(_ToVllmLogger())
+        ours.setLevel(logging.INFO)
         ours.propagate = False
 
 

@@ -35,7 +35,9 @@ def guarded(model_sets, tmp_path_factory) -> Iterator[ServerProcess]:
     device slots (2) and host cache entries (3) than adapters, so residency changes."""
     root = os.path.dirname(model_sets["llama"]["base"])
     log = str(tmp_path_factory.mktemp("logs") / "guarded.log")
-    extra = ["--api-key", KEY, "--max-cpu-loras", "3"]  # later flag wins over serve()'s
+    # later flag wins over serve()'s; CORS for every origin (vLLM's default up to 0.31, none
+    # from 0.32), so the test sees where CORS runs relative to the key check
+    extra = ["--api-key", KEY, "--max-cpu-loras", "3", "--allowed-origins", '["*"]']
     with serve(model_sets["llama"], 2, log, extra, env={"FLORA_ADAPTER_ROOTS": root}) as server:
         yield server
 
