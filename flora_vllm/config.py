@@ -35,6 +35,10 @@ class FLoRAConfig:
     (max_loras + 1) x this x width per wrapped layer: with hundreds of rank-1 tenants next to a
     rank-8 LoRA, FLORA_MAX_RANK=1 makes each FLoRA slot 8x smaller. Env FLORA_MAX_RANK."""
 
+    max_adapter_mb: int = 4096
+    """Largest adapter a load may read, in MiB of tensor data as its safetensors header declares
+    it (FLoRA and LoRA), checked before any tensor is read. Env FLORA_MAX_ADAPTER_MB."""
+
     compile: bool = True
     """Keep vLLM's compilation of the model on a CPU server with LoRA enabled (vLLM turns it off
     there; the adapter layers run as opaque nodes instead). Env FLORA_COMPILE=0: vLLM's eager."""
@@ -49,6 +53,8 @@ class FLoRAConfig:
             problems.extend(_fused_problems())
         if self.max_rank < 0:
             problems.append(f"FLORA_MAX_RANK={self.max_rank}; use 0 (--max-lora-rank) or >= 1")
+        if self.max_adapter_mb <= 0:
+            problems.append(f"FLORA_MAX_ADAPTER_MB={self.max_adapter_mb}; use a size >= 1")
         if self.merge_cache_mb < 0:
             problems.append(f"FLORA_MERGE_CACHE_MB={self.merge_cache_mb}; use a size >= 0")
         for root in self.adapter_roots:
@@ -59,8 +65,14 @@ class FLoRAConfig:
 
     @classmethod
     def from_env(cls) -> FLoRAConfig:
-        cache_mb, max_rank = (_int_env(k, d) for k, d in (("FLORA_MERGE_CACHE_MB", "512"),
-                                                           ("FLORA_MAX_RANK", "0")))
+        cache_mb, max_rank, adapter_mb = (
+            _int_env(k, d)
+            for k, d in (
+                ("FLORA_MERGE_CACHE_MB", "512"),
+                ("FLORA_MAX_RANK", "0"),
+                ("FLORA_MAX_ADAPTER_MB", "4096"),
+            )
+        )
         roots = os.environ.get("FLORA_ADAPTER_ROOTS", "")
         flag = os.environ.get("FLORA_COMPILE", "1")
         if flag not in ("0", "1"):
@@ -70,6 +82,7 @@ class FLoRAConfig:
             cache_mb,
             tuple(os.path.realpath(r) for r in roots.split(os.pathsep) if r),
             max_rank,
+            adapter_mb,
             flag == "1",
         )
 

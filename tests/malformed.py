@@ -257,6 +257,34 @@ def file_not_folder(s: Src) -> str:
     return os.path.join(write(s.tmp, "adapter", b"not a folder"), "adapter")
 
 
+def lora_claiming(nbytes: int) -> Builder:
+    """A LoRA copy whose weights file declares one `nbytes` tensor (a sparse file of that size:
+    no disk used, but a loader that trusts the header would read it all)."""
+
+    def build(s: Src) -> str:
+        d = lora(s)
+        name = "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"
+        head = json.dumps({name: {"dtype": "F32", "shape": [nbytes // 4],
+                                  "data_offsets": [0, nbytes]}}).encode()
+        path = os.path.join(d, LORA_WEIGHTS)
+        write(d, LORA_WEIGHTS, raw_safetensors(head))
+        os.truncate(path, 8 + len(head) + nbytes)
+        return d
+
+    return build
+
+
+def fifo_instead_of(name: str, of: Builder | None = None) -> Builder:
+    """A copy (FLoRA unless `of`) where file `name` is a named pipe: opening it would block."""
+
+    def build(s: Src) -> str:
+        d = remove((of or flora)(s), name)
+        os.mkfifo(os.path.join(d, name))
+        return d
+
+    return build
+
+
 def folder_instead_of(name: str) -> Builder:
     """A FLoRA copy where file `name` is an (empty) folder."""
 

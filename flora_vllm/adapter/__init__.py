@@ -1,6 +1,7 @@
 """The FLoRA adapter folder format, a public contract (torch + safetensors, no vLLM):
 
     config.py  adapter_config.json (FLoRAAdapterConfig), the format's names, its errors
+    files.py   what any adapter folder may hold: folders and regular files (no FIFO, device)
     load.py    load_adapter: read and check a folder for a model's modules (every problem at once)
     save.py    save_adapter: write a folder
 
@@ -18,9 +19,11 @@ from flora_vllm.adapter.config import (
     FLoRAAdapterConfig,
     FLoRAAdapterError,
     FLoRAAdapterNotFoundError,
+    config_shape_problem,
     load_config,
     read_peft_type,
 )
+from flora_vllm.adapter.files import folder_problems
 from flora_vllm.adapter.load import FLoRAModuleWeights, load_adapter
 from flora_vllm.adapter.save import save_adapter
 
@@ -33,6 +36,8 @@ __all__ = [
     "FLoRAAdapterError",
     "FLoRAAdapterNotFoundError",
     "FLoRAModuleWeights",
+    "config_shape_problem",
+    "folder_problems",
     "load_adapter",
     "load_config",
     "read_peft_type",

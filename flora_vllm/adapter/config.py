@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from flora_vllm.adapter.files import entry_problem
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "flora_model.safetensors"
 PEFT_TYPE = "FLORA"
@@ -110,14 +112,35 @@ class FLoRAAdapterConfig:
         return cls(r, list(targets), float(alpha), base, PEFT_TYPE, extra)
 
 
+def _read_config(adapter_dir: str) -> object:
+    """The parsed adapter_config.json; OSError (a FIFO or device is never opened: it would
+    block) or ValueError / RecursionError for a file that is not JSON."""
+    path = os.path.join(adapter_dir, CONFIG_NAME)
+    if (problem := entry_problem(path)) is not None:
+        raise OSError(f"{CONFIG_NAME} {problem}")
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_peft_type(adapter_dir: str) -> str | None:
     """peft_type named by a folder's adapter_config.json (None if absent or unreadable)."""
     try:
-        with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
-            raw = json.load(f)
+        raw = _read_config(adapter_dir)
     except (OSError, ValueError, RecursionError):
         return None
     return raw.get("peft_type") if isinstance(raw, dict) else None
+
+
+def config_shape_problem(adapter_dir: str) -> str | None:
+    """Why adapter_config.json, valid JSON, is no config at all (None: an object, or a file
+    other loaders report on): a list or a number would reach PEFT's parser as a raw TypeError."""
+    try:
+        raw = _read_config(adapter_dir)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if isinstance(raw, dict):
+        return None
+    return f"{CONFIG_NAME} must hold a JSON object, got a JSON {type(raw).__name__}"
 
 
 def load_config(adapter_dir: str) -> FLoRAAdapterConfig:
@@ -126,8 +149,7 @@ def load_config(adapter_dir: str) -> FLoRAAdapterConfig:
     if not os.path.isdir(adapter_dir) or not os.path.isfile(path):
         raise FLoRAAdapterNotFoundError(f"No FLoRA adapter config at {path}")
     try:
-        with open(path) as f:
-            raw = json.load(f)
+        raw = _read_config(adapter_dir)
     except (OSError, ValueError, RecursionError) as e:
         raise FLoRAAdapterError(adapter_dir, [f"{CONFIG_NAME} is not valid JSON: {e}"]) from e
     if not isinstance(raw, dict):

@@ -4,7 +4,10 @@ Runs where vLLM's model runner lives (the worker; the engine core on a single-pr
 server). Hooks (targets checked in `flora_vllm.hooks`):
 
 - `vllm.lora.utils._all_lora_classes`: the FLoRA layer wrappers, tried before vLLM's own.
-- `WorkerLoRAManager._load_adapter`: FLoRA folders load as FLoRAModel; unknown peft_type values
+- `WorkerLoRAManager._load_adapter`: folders holding anything but files and folders (a FIFO,
+  a device: opening one would block the engine step) are refused before anything is opened;
+  FLoRA folders load as FLoRAModel; LoRA folders are checked from their safetensors header
+  first (`adapter.lora`: complete modules, exact shapes, a byte limit); unknown peft_type values
   are refused (stock vLLM applies them as additive LoRA); LoRA weights with NaN/inf are refused;
   paths outside FLORA_ADAPTER_ROOTS are refused; load errors carry a 4xx marker.
 - `LoRAModelManager._add_adapter`: a FLoRA model skips LoRA's packing step (nothing to pack).
@@ -33,9 +36,12 @@ from flora_vllm.adapter import (
     AdapterResourcesError,
     FLoRAAdapterError,
     FLoRAAdapterNotFoundError,
+    config_shape_problem,
+    folder_problems,
     load_adapter,
     read_peft_type,
 )
+from flora_vllm.adapter.lora import lora_problems
 from flora_vllm.config import get_config
 from flora_vllm.ops.torch_ops import factor_dtype
 from flora_vllm.serving.access import check_adapter_path
@@ -98,12 +104,27 @@ def flora_module_index(
     return shapes, where
 
 
+def _file_names_to_model(manager: Any) -> Callable[[str], str | None] | None:
+    """Maps a module path of an adapter file to the served model's name (None: the same)."""
+    mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+    return mapper.get_rename_mapper()._map_name if mapper is not None else None
+
+
+def _check_lora_header(worker_manager: Any, label: str, lora_path: str) -> None:
+    """Refuse a LoRA folder from its safetensors header (every module complete, shapes exact
+    for the served layers, declared size within FLORA_MAX_ADAPTER_MB) before vLLM reads it."""
+    manager = worker_manager._adapter_manager
+    shapes, _ = flora_module_index(manager)
+    limit = get_config().max_adapter_mb * 2**20
+    if problems := lora_problems(lora_path, shapes, limit, _file_names_to_model(manager)):
+        raise FLoRAAdapterError(label, problems)
+
+
 def _load_flora(worker_manager: Any, lora_request: Any, lora_path: str) -> Any:
     """Read, check and arrange a FLoRA folder for the wrapped modules of the served model."""
     manager = worker_manager._adapter_manager
     shapes, where = flora_module_index(manager)
-    mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
-    map_name = mapper.get_rename_mapper()._map_name if mapper is not None else None
+    map_name = _file_names_to_model(manager)
     dtype = (
         manager.modules[next(iter(where.values()))[0]].base_layer.weight.dtype
         if where
@@ -144,6 +165,12 @@ def _wrap_load_adapter(orig: Callable) -> Callable:
                 abs_path = get_adapter_absolute_path(path)
             except FileNotFoundError as e:  # e.g. a hub id with no network: stock vLLM says 404
                 raise LoRAAdapterNotFoundError(name, path) from e
+            # Nothing is opened before every entry is known to be a file: a FIFO would block
+            # this engine step, and every tenant's requests with it.
+            if problems := folder_problems(abs_path):
+                raise FLoRAAdapterError(label, problems)
+            if problem := config_shape_problem(abs_path):
+                raise FLoRAAdapterError(label, [problem])
             peft_type = read_peft_type(abs_path)
             if peft_type == PEFT_TYPE:
                 return _load_flora(self, lora_request, abs_path)
@@ -155,6 +182,7 @@ def _wrap_load_adapter(orig: Callable) -> Callable:
                         f"'{PEFT_TYPE}' adapters only"
                     ],
                 )
+            _check_lora_header(self, label, abs_path)
             lora = orig(self, lora_request)
             _check_lora_finite(label, lora)
             return lora

@@ -155,3 +155,54 @@ def test_stray_tensors_are_refused_from_the_header_unread(tmp_path, monkeypatch)
     assert "unexpected tensor 'base_model.model.junk.0.weight'" in str(e.value)
     assert "'m.layers.0.k_proj' is not an adaptable linear module" in str(e.value)
     assert sorted(read) == sorted(tensors), "a stray tensor was read"
+
+
+def test_lora_header_check_finds_every_problem_without_reading_tensors(tmp_path):
+    """PEFT LoRA weights checked from the header alone: a module without lora_B, an A narrower
+    than its layer, B's rank apart from A's, a declared size over the limit; a good file and
+    tensors of modules the check does not know pass (vLLM's loader has those)."""
+    from safetensors.torch import save_file
+
+    from flora_vllm.adapter.lora import LORA_WEIGHTS, lora_problems
+
+    shapes = {"m.q": (64, 32), "m.k": (16, 32), "m.o": (32, 64)}
+
+    def check(tensors: dict[str, torch.Tensor], limit: int = 2**20) -> list[str]:
+        save_file(tensors, str(tmp_path / LORA_WEIGHTS))
+        return lora_problems(str(tmp_path), shapes, limit)
+
+    key = "base_model.model.{}.lora_{}.weight".format
+    good = {key("m.q", "A"): torch.ones(4, 32), key("m.q", "B"): torch.ones(64, 4),
+            key("lm_head", "A"): torch.ones(4, 7), key("lm_head", "B"): torch.ones(9, 4)}
+    assert check(good) == []
+    bad = {key("m.q", "A"): torch.ones(4, 32),  # no B
+           key("m.k", "A"): torch.ones(4, 20), key("m.k", "B"): torch.ones(16, 4),  # narrow A
+           key("m.o", "A"): torch.ones(4, 64), key("m.o", "B"): torch.ones(32, 2)}  # rank apart
+    problems = check(bad)
+    assert sorted(problems) == [
+        "m.k.lora_A has shape [4, 20], expected [r, 32]",
+        "m.o.lora_B has shape [32, 2], expected [32, 4]",
+        "module 'm.q' has lora_A but no lora_B (every adapted module needs both)",
+    ], problems
+    (over,) = check(good, limit=1000)
+    assert "over this server's limit" in over and "FLORA_MAX_ADAPTER_MB" in over
+    (tmp_path / LORA_WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    assert "not a readable safetensors file" in lora_problems(str(tmp_path), shapes, 2**20)[0]
+
+
+def test_folder_check_refuses_what_is_not_a_file_without_opening_it(tmp_path):
+    """A FIFO (opening it blocks), a broken symlink; a regular folder with a subfolder passes."""
+    import os
+
+    from flora_vllm.adapter import folder_problems, read_peft_type
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f.bin").write_bytes(b"x")
+    assert folder_problems(str(tmp_path)) == []
+    os.mkfifo(tmp_path / "adapter_config.json")
+    os.symlink("/nonexistent", tmp_path / "gone")
+    assert sorted(folder_problems(str(tmp_path))) == [
+        "'adapter_config.json' is a named pipe (FIFO), not a regular file",
+        "'gone' is a broken symlink",
+    ]
+    assert read_peft_type(str(tmp_path)) is None  # returns at once: the pipe is never opened

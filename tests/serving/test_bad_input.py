@@ -18,6 +18,7 @@ import json
 import os
 import re
 import struct
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -45,12 +46,14 @@ from malformed import (
     edit_tensors,
     empty_folder,
     entry,
+    fifo_instead_of,
     file_not_folder,
     flora,
     folder_instead_of,
     header,
     link_in,
     lora,
+    lora_claiming,
     overlap,
     poke,
     raw_safetensors,
@@ -197,6 +200,23 @@ ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("lora-nan-values", tensors(poke("lora_B.weight", float("nan")), lora), 400,
                 "NaN or inf"),
     AdapterCase("lora-rank-as-string", lambda s: edit_config(lora(s), r="8"), 400, INVALID),
+    AdapterCase("lora-missing-B", tensors(drop("lora_B.weight"), lora), 400, "but no lora_B"),
+    AdapterCase("lora-narrower-than-layer", tensors(set_tensor(
+        "lora_A.weight", lambda x: x[:, :100]), lora), 400, "expected [r, 256]"),
+    AdapterCase("lora-claims-5-gib", lora_claiming(5 * 2**30), 400, "FLORA_MAX_ADAPTER_MB"),
+    AdapterCase("lora-claims-past-its-end", lambda s: write(lora(s), LORA_WEIGHTS, raw_safetensors(
+        b'{"x": {"dtype": "F32", "shape": [1000000], "data_offsets": [0, 4000000]}}')), 400,
+        "past the end of the file"),
+    AdapterCase("lora-config-is-array", lambda s: write(lora(s), CONFIG, "[1, 2]"), 400,
+                "must hold a JSON object, got a JSON list"),
+    # -- files that are not files: opening one blocks (before: the engine step, every tenant) -
+    AdapterCase("config-is-fifo", fifo_instead_of(CONFIG), 400, "named pipe (FIFO)"),
+    AdapterCase("weights-is-fifo", fifo_instead_of(WEIGHTS), 400, "named pipe (FIFO)"),
+    AdapterCase("lora-config-is-fifo", fifo_instead_of(CONFIG, lora), 400, "named pipe (FIFO)"),
+    AdapterCase("lora-weights-is-fifo", fifo_instead_of(LORA_WEIGHTS, lora), 400,
+                "named pipe (FIFO)"),
+    AdapterCase("broken-symlink", lambda s: symlink("/nonexistent", os.path.join(flora(s), "x"))
+                and s.tmp, 400, "broken symlink"),
     # -- the path, on a server without allowed roots (anything local goes; no hub here) -----
     AdapterCase("nul-byte-in-path", lambda s: s.flora + "\x00x", 400, "embedded null byte"),
     AdapterCase("hub-id-offline", lambda s: "someorg/some-adapter", 404, NOT_FOUND),
@@ -278,6 +298,37 @@ def test_bad_adapter_is_refused(case, build, status, message, good, model_sets, 
     path = build(_src(model_sets, str(tmp_path / case)))
     _load_refused(good, case, path, status, message)
     _still_serving(good)
+
+
+def test_fifo_in_an_adapter_never_holds_other_tenants(good, model_sets, tmp_path):
+    """A folder whose config is a named pipe: the worker used to block opening it, inside the
+    engine step, and no request of any tenant was answered (`/health` stayed 200). Now the load
+    is refused at once, and a request sent at the same moment is answered, exactly."""
+    path = fifo_instead_of(CONFIG)(_src(model_sets, str(tmp_path / "fifo")))
+    c, started = good["client"], time.monotonic()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            load = pool.submit(c.post, LOAD, json={"lora_name": "fifo", "lora_path": path})
+            other = pool.submit(c.post, COMPLETIONS, json=good["body"])
+            answered = other.result(timeout=120)
+            refused = load.result(timeout=120)
+    finally:  # were a reader blocked on the pipe, a writer that closes at once releases it
+        fd = _open_fifo_writer(os.path.join(path, CONFIG))
+        if fd is not None:
+            os.close(fd)
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["choices"][0]["logprobs"]["tokens"] == good["answer"]["tokens"]
+    assert refused.status_code == 400 and "named pipe (FIFO)" in _error(refused), refused.text
+    assert time.monotonic() - started < 60  # a liveness bound (blocked before), not a speed
+    _still_serving(good)
+
+
+def _open_fifo_writer(path: str) -> int | None:
+    """A non-blocking writer on a FIFO, or None when no reader has it open."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
 
 
 # --- requests --------------------------------------------------------------------------------
