@@ -191,7 +191,7 @@ ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("lora-rank-over-limit", lambda s: edit_config(lora(s), r=16), 400,
                 "max_lora_rank"),
     AdapterCase("lora-corrupt-weights", lambda s: write(lora(s), LORA_WEIGHTS, b"\x00" * 99), 400,
-                "SafetensorError"),
+                "not a readable safetensors file"),
     AdapterCase("lora-wrong-shape", tensors(set_tensor(
         "lora_A.weight", lambda x: torch.ones(x.shape[0], x.shape[1] + 5)), lora), 400, INVALID),
     AdapterCase("lora-unknown-module", tensors(add(
@@ -202,7 +202,7 @@ ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("lora-rank-as-string", lambda s: edit_config(lora(s), r="8"), 400, INVALID),
     AdapterCase("lora-missing-B", tensors(drop("lora_B.weight"), lora), 400, "but no lora_B"),
     AdapterCase("lora-narrower-than-layer", tensors(set_tensor(
-        "lora_A.weight", lambda x: x[:, :100]), lora), 400, "expected [r, 256]"),
+        "lora_A.weight", lambda x: x[:, :100]), lora), 400, "has shape [8, 100], expected [r, "),
     AdapterCase("lora-claims-5-gib", lora_claiming(5 * 2**30), 400, "FLORA_MAX_ADAPTER_MB"),
     AdapterCase("lora-claims-past-its-end", lambda s: write(lora(s), LORA_WEIGHTS, raw_safetensors(
         b'{"x": {"dtype": "F32", "shape": [1000000], "data_offsets": [0, 4000000]}}')), 400,
