@@ -19,8 +19,8 @@ from flora_vllm.adapter.config import (
     FLoRAAdapterConfig,
     FLoRAAdapterError,
     FLoRAAdapterNotFoundError,
-    config_shape_problem,
     load_config,
+    peft_type_and_problem,
     read_peft_type,
 )
 from flora_vllm.adapter.files import folder_problems
@@ -36,10 +36,10 @@ __all__ = [
     "FLoRAAdapterError",
     "FLoRAAdapterNotFoundError",
     "FLoRAModuleWeights",
-    "config_shape_problem",
     "folder_problems",
     "load_adapter",
     "load_config",
+    "peft_type_and_problem",
     "read_peft_type",
     "save_adapter",
 ]

@@ -124,23 +124,20 @@ def _read_config(adapter_dir: str) -> object:
 
 def read_peft_type(adapter_dir: str) -> str | None:
     """peft_type named by a folder's adapter_config.json (None if absent or unreadable)."""
+    return peft_type_and_problem(adapter_dir)[0]
+
+
+def peft_type_and_problem(adapter_dir: str) -> tuple[str | None, str | None]:
+    """(peft_type named by adapter_config.json, why the file is no config at all), read once.
+    The problem is a JSON list or number, which would reach PEFT's parser as a raw TypeError;
+    an absent or unreadable file gives (None, None): the loaders report those themselves."""
     try:
         raw = _read_config(adapter_dir)
     except (OSError, ValueError, RecursionError):
-        return None
-    return raw.get("peft_type") if isinstance(raw, dict) else None
-
-
-def config_shape_problem(adapter_dir: str) -> str | None:
-    """Why adapter_config.json, valid JSON, is no config at all (None: an object, or a file
-    other loaders report on): a list or a number would reach PEFT's parser as a raw TypeError."""
-    try:
-        raw = _read_config(adapter_dir)
-    except (OSError, ValueError, RecursionError):
-        return None
-    if isinstance(raw, dict):
-        return None
-    return f"{CONFIG_NAME} must hold a JSON object, got a JSON {type(raw).__name__}"
+        return None, None
+    if not isinstance(raw, dict):
+        return None, f"{CONFIG_NAME} must hold a JSON object, got a JSON {type(raw).__name__}"
+    return raw.get("peft_type"), None
 
 
 def load_config(adapter_dir: str) -> FLoRAAdapterConfig:

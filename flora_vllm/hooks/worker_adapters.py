@@ -36,10 +36,9 @@ from flora_vllm.adapter import (
     AdapterResourcesError,
     FLoRAAdapterError,
     FLoRAAdapterNotFoundError,
-    config_shape_problem,
     folder_problems,
     load_adapter,
-    read_peft_type,
+    peft_type_and_problem,
 )
 from flora_vllm.adapter.lora import lora_problems
 from flora_vllm.config import get_config
@@ -57,7 +56,6 @@ def _with_flora_layer_classes(stock: Any) -> tuple:
     from flora_vllm.layers import FLORA_LAYER_CLASSES
 
     return FLORA_LAYER_CLASSES + tuple(stock)
-
 
 
 class FLoRAModelMixin:
@@ -169,9 +167,9 @@ def _wrap_load_adapter(orig: Callable) -> Callable:
             # this engine step, and every tenant's requests with it.
             if problems := folder_problems(abs_path):
                 raise FLoRAAdapterError(label, problems)
-            if problem := config_shape_problem(abs_path):
+            peft_type, problem = peft_type_and_problem(abs_path)
+            if problem is not None:
                 raise FLoRAAdapterError(label, [problem])
-            peft_type = read_peft_type(abs_path)
             if peft_type == PEFT_TYPE:
                 return _load_flora(self, lora_request, abs_path)
             if peft_type not in (None, "LORA"):
