@@ -39,6 +39,15 @@ class FLoRAConfig:
     """Largest adapter a load may read, in MiB of tensor data as its safetensors header declares
     it (FLoRA and LoRA), checked before any tensor is read. Env FLORA_MAX_ADAPTER_MB."""
 
+    read_timeout_s: float = 30.0
+    """How long the API server waits for an adapter folder to be read and copied before it
+    answers 503 (a slow or hung disk); the read runs in a thread, never on the event loop or in
+    the engine's step. Env FLORA_ADAPTER_READ_TIMEOUT_S."""
+
+    snapshot_dir: str = ""
+    """Where the API server keeps the copies of loaded adapters that the workers read (empty:
+    `flora-vllm-adapters` in the system's temp folder). Env FLORA_SNAPSHOT_DIR."""
+
     compile: bool = True
     """Keep vLLM's compilation of the model on a CPU server with LoRA enabled (vLLM turns it off
     there; the adapter layers run as opaque nodes instead). Env FLORA_COMPILE=0: vLLM's eager."""
@@ -55,6 +64,8 @@ class FLoRAConfig:
             problems.append(f"FLORA_MAX_RANK={self.max_rank}; use 0 (--max-lora-rank) or >= 1")
         if self.max_adapter_mb <= 0:
             problems.append(f"FLORA_MAX_ADAPTER_MB={self.max_adapter_mb}; use a size >= 1")
+        if not self.read_timeout_s > 0:
+            problems.append(f"FLORA_ADAPTER_READ_TIMEOUT_S={self.read_timeout_s}; use seconds > 0")
         if self.merge_cache_mb < 0:
             problems.append(f"FLORA_MERGE_CACHE_MB={self.merge_cache_mb}; use a size >= 0")
         for root in self.adapter_roots:
@@ -77,13 +88,28 @@ class FLoRAConfig:
         flag = os.environ.get("FLORA_COMPILE", "1")
         if flag not in ("0", "1"):
             raise ValueError(f"FLORA_COMPILE={flag!r}; use 1 (compile, default) or 0 (eager)")
+        raw_timeout = os.environ.get("FLORA_ADAPTER_READ_TIMEOUT_S", "30")
+        try:
+            timeout = float(raw_timeout)
+        except ValueError as e:
+            raise ValueError(f"FLORA_ADAPTER_READ_TIMEOUT_S={raw_timeout!r} is not a number") from e
         return cls(
-            os.environ.get("FLORA_EXECUTION", "auto"),
-            cache_mb,
-            tuple(os.path.realpath(r) for r in roots.split(os.pathsep) if r),
-            max_rank,
-            adapter_mb,
-            flag == "1",
+            execution=os.environ.get("FLORA_EXECUTION", "auto"),
+            merge_cache_mb=cache_mb,
+            adapter_roots=tuple(os.path.realpath(r) for r in roots.split(os.pathsep) if r),
+            max_rank=max_rank,
+            max_adapter_mb=adapter_mb,
+            read_timeout_s=timeout,
+            snapshot_dir=os.environ.get("FLORA_SNAPSHOT_DIR", ""),
+            compile=flag == "1",
+        )
+
+    def snapshot_root(self) -> str:
+        """The resolved folder that holds the API server's adapter copies (`snapshot_dir`)."""
+        import tempfile
+
+        return os.path.realpath(
+            self.snapshot_dir or os.path.join(tempfile.gettempdir(), "flora-vllm-adapters")
         )
 
     def rank_limit(self, max_lora_rank: int) -> tuple[int, str]:

@@ -77,5 +77,7 @@ def llama_server(
     log = str(tmp_path_factory.mktemp("logs") / "llama-full.log")
     # Test seam: loading these two names fails in the worker as out-of-memory / a torch error.
     faults = {"FLORA_TEST_LOAD_FAULT": "fault-oom=MemoryError,fault-torch=RuntimeError"}
+    # Test seam: folders named slow-* take 8 s to read; the server waits 5 s for a read.
+    faults |= {"FLORA_TEST_SLOW_READ_S": "8", "FLORA_ADAPTER_READ_TIMEOUT_S": "5"}
     with serve(model_sets["llama"], len(ADAPTERS), log, env=faults) as server:
         yield server

@@ -4,6 +4,7 @@ per-request leased LoRARequest, the worker's by-id adapter set, and the engine c
 from __future__ import annotations
 
 import gc
+import queue
 import threading
 from types import SimpleNamespace
 
@@ -181,6 +182,7 @@ class FakeCore:
         self.removed: list[int] = []
         self.errors: list[str] = []
         self.added: list[str] = []
+        self.output_queue = queue.Queue()  # (client index, EngineCoreOutputs) to the API server
 
     def remove_lora(self, lora_id: int) -> bool:
         self.removed.append(lora_id)
@@ -228,11 +230,28 @@ def test_engine_core_defers_removal_while_a_request_is_scheduled(core):
     assert core.removed == [6]  # gone with its last request
 
 
+def _refused(core: FakeCore) -> list[tuple[str, str]]:
+    """(request id, stop_reason) of every error output the engine core sent to its client."""
+    from vllm.v1.engine import FinishReason
+
+    out = []
+    while not core.output_queue.empty():
+        _, outputs = core.output_queue.get()
+        for o in outputs.outputs:
+            assert o.finish_reason == FinishReason.ERROR
+            assert o.request_id in outputs.finished_requests
+            out.append((o.request_id, o.stop_reason))
+    return out
+
+
 def test_engine_core_fails_only_the_request_of_a_removed_id(core):
     core.remove_lora(8)
     core.add_request(_request("late", 8))
     core.add_request(_request("other", None))
-    assert core.errors == ["late"] and core.added == ["other"]
+    assert core.added == ["other"]
+    [(request_id, reason)] = _refused(core)  # the reason travels to the API server (a 503)
+    assert request_id == "late" and reason.startswith(engine.GONE_MARK)
+    assert "adapter 'a8' (id 8) was unloaded before request late reached the engine" in reason
     core.add_lora(_request("x", 8).lora_request)  # loaded again: served again
     core.add_request(_request("again", 8))
     assert core.added == ["other", "again"]

@@ -149,15 +149,21 @@ HOOKS: tuple[Hook, ...] = (
     Hook(_MODELS, "OpenAIServingModels.unload_lora_adapter",
          "api_server:_wrap_unload_lora_adapter"),
     Hook(_MODELS, "OpenAIServingModels.resolve_lora", "api_server:_wrap_resolve_lora"),
+    Hook(_MODELS, "OpenAIServingModels.show_available_models",
+         "api_server:_wrap_show_available_models"),
     Hook("vllm.lora.request", "LoRARequest.__eq__"),  # leases compare as the installed class
     Hook("vllm.lora.resolver", "LoRAResolverRegistry"),  # public; the plugin registers a resolver
     Hook(_OUTPUTS, "OutputProcessor._update_stats_from_finished",
          "api_metrics:_wrap_update_stats_from_finished"),
     Hook(_OUTPUTS, "OutputProcessor.abort_requests", "api_metrics:_wrap_abort_requests"),
+    Hook("vllm.v1.metrics.loggers", "PrometheusStatLogger.__init__",
+         "api_metrics:_wrap_stat_logger_init"),
     Hook("vllm.entrypoints.launchers.app", "init_entrypoints_middleware",
          "api_metrics:_wrap_init_middleware"),
     Hook("vllm.entrypoints.serve.middleware.authenticate", "AuthenticationMiddleware"),  # removed
+    Hook("vllm.v1.engine.async_llm", "AsyncLLM.generate", "api_server:_wrap_generate"),
     Hook("vllm.v1.engine.async_llm", "AsyncLLM.add_request"),  # test seam (FLORA_TEST_HOLD_DIR)
+    Hook("vllm.v1.engine.async_llm", "AsyncLLM.remove_lora"),  # test seam (FLORA_TEST_HOLD_DIR)
 )
 
 _applied = False

@@ -8,6 +8,8 @@ Runs in vLLM's OpenAI API server (or a Ray Serve replica: `refresh_live_gauges`)
 - `vllm.entrypoints.launchers.app.init_entrypoints_middleware`: the per-adapter gauges' refresh
   on `/metrics` and, with `--api-key`, one key check on every path but `/health` (ours replaces
   vLLM's `AuthenticationMiddleware`, which guards `/v1` only: a request is checked once).
+- `PrometheusStatLogger.__init__`: its `gauge_lora_info` (`vllm:lora_requests_info`, labelled
+  with comma-joined adapter names) keeps one series with capped name lists.
 - Read only: AsyncLLM's `output_processor.request_states` (requests in flight) and the
   workers' residency RPC (`worker_adapters.RESIDENCY_RPC`).
 """
@@ -35,6 +37,11 @@ logger = logging.getLogger("flora_vllm")
 # --- per-adapter metrics ---------------------------------------------------------------------
 
 _types: dict[int, str] = {}  # adapter id -> "flora" | "lora" (read once from its config)
+
+
+def remember_adapter_type(lora_id: int, peft_type: str | None) -> None:
+    """The type of a just-loaded id, read when its folder was copied (no read at finish)."""
+    _types[lora_id] = "flora" if peft_type == PEFT_TYPE else "lora"
 
 
 def forget_adapter_type(lora_id: int) -> None:
@@ -91,6 +98,50 @@ def _wrap_abort_requests(orig: Callable) -> Callable:
         return aborted
 
     return abort_requests
+
+
+# --- vLLM's own metric with adapter names -------------------------------------------------------
+
+LORA_INFO_NAMES = 16
+"""Adapter names one label of vLLM's `vllm:lora_requests_info` lists at most (then `+N more`)."""
+
+
+def _capped(names: Any) -> Any:
+    """A comma-joined name list, sorted (one order per set) and cut at LORA_INFO_NAMES."""
+    if not isinstance(names, str) or not names:
+        return names
+    listed = sorted(names.split(","))
+    extra = len(listed) - LORA_INFO_NAMES
+    return ",".join(listed[:LORA_INFO_NAMES] + ([f"+{extra} more"] if extra > 0 else []))
+
+
+class LatestSeriesGauge:
+    """vLLM's `vllm:lora_requests_info` with bounded series: each `labels()` call first drops
+    the earlier series, so the gauge holds one (the current running / waiting adapters, each
+    list capped); stock vLLM keeps a series for every combination of names it ever saw."""
+
+    def __init__(self, gauge: Any) -> None:
+        self._gauge = gauge
+
+    def labels(self, *args: Any, **labels: Any) -> Any:
+        if (clear := getattr(self._gauge, "clear", None)) is not None:  # Ray's wrapper has none
+            clear()
+        return self._gauge.labels(
+            *(_capped(a) for a in args), **{k: _capped(v) for k, v in labels.items()}
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._gauge, name)
+
+
+def _wrap_stat_logger_init(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        orig(self, *args, **kwargs)
+        if getattr(self, "gauge_lora_info", None) is not None:
+            self.gauge_lora_info = LatestSeriesGauge(self.gauge_lora_info)
+
+    return __init__
 
 
 async def refresh_live_gauges(engine: Any, models: Any) -> None:

@@ -5,10 +5,14 @@ Hooks (targets checked in `flora_vllm.hooks`):
 
 - `BaseServing._maybe_get_adapters`: adapter resolution; each request gets its own copy of the
   LoRARequest, which holds a reference on the id while it lives (`flora_vllm.lifecycle`).
-- `OpenAIServingModels.load_lora_adapter`: an invalid adapter answers 400 and running out of
-  memory 503, not 500 (by error class, `load_failure`); a path outside FLORA_ADAPTER_ROOTS
-  answers 403; a reload (`load_inplace`) gets a fresh adapter id, so requests in flight finish
-  on the old weights and new ones get the new weights.
+- `OpenAIServingModels.load_lora_adapter`: the folder is checked and copied off the event loop
+  under a timeout (`serving.copies`; 503 when the disk does not answer) and vLLM gets the copy,
+  which lives as long as the adapter id: the engine never reads a client's folder, and an id
+  vLLM's worker cache evicts comes back with the same weights. An invalid adapter answers 400
+  and running out of memory 503, not 500 (by error class, `load_failure`); a path outside
+  FLORA_ADAPTER_ROOTS answers 403; a reload (`load_inplace`) gets a fresh adapter id, so
+  requests in flight finish on the old weights and new ones get the new weights.
+- `OpenAIServingModels.show_available_models`: an adapter's `root` is the client's folder.
 - `OpenAIServingModels.resolve_lora` (and load / unload): the per-name locks live only while in
   use; stock vLLM keeps one for every name a client ever sent.
 - `OpenAIServingModels.resolve_lora`, `BaseServing._check_model`: with adapter roots, an unknown
@@ -17,6 +21,8 @@ Hooks (targets checked in `flora_vllm.hooks`):
   code and reason (stock vLLM turns all but a 400 into a 404).
 - `OpenAIServingModels.unload_lora_adapter`: the engine drops an unloaded (or replaced) adapter
   once no request holds a reference on its id (stock vLLM keeps it until evicted).
+- `AsyncLLM.generate`: a request the engine core refused for its adapter id (`engine.py`) is a
+  503 with the engine's reason, not vLLM's bare 500.
 - Test seam, only with FLORA_TEST_HOLD_DIR set: `AsyncLLM.add_request` holds `held-*` adapters'
   requests between resolution and the engine, so a test can force the unload race.
 """
@@ -37,11 +43,11 @@ from flora_vllm.adapter import (
     AdapterResourcesError,
     FLoRAAdapterError,
 )
-from flora_vllm.config import get_config
-from flora_vllm.hooks.api_metrics import forget_adapter_type
+from flora_vllm.hooks.api_metrics import forget_adapter_type, remember_adapter_type
 from flora_vllm.lifecycle import ADAPTERS, retire
-from flora_vllm.serving import metrics
-from flora_vllm.serving.access import AdapterPathRefusedError, check_adapter_path
+from flora_vllm.serving import copies, metrics
+from flora_vllm.serving.access import AdapterPathRefusedError
+from flora_vllm.serving.copies import AdapterReadTimeoutError
 
 logger = logging.getLogger("flora_vllm")
 
@@ -107,11 +113,19 @@ def _wrap_maybe_get_adapters(orig: Callable) -> Callable:
     return _maybe_get_adapters
 
 
+_copy_of: dict[int, str] = {}  # adapter id -> the folder copy its worker reads (`serving.copies`)
+_origin: dict[str, str] = {}  # that copy -> the folder the client named (shown in /v1/models)
+
+
 def _retire(engine: Any, lora_id: int, on_release: Callable[[], None] | None = None) -> None:
-    """`lifecycle.retire`, plus the id's metric-label cache entry at its release."""
+    """`lifecycle.retire`, plus the id's metric-label cache entry and folder copy at its
+    release (no request of the id is left to read them)."""
 
     def released() -> None:
         forget_adapter_type(lora_id)
+        if (copy := _copy_of.pop(lora_id, None)) is not None:
+            _origin.pop(copy, None)
+            copies.discard(copy)
         if on_release is not None:
             on_release()
 
@@ -259,10 +273,12 @@ def _wrap_resolve_lora(orig: Callable) -> Callable:
         async with resolving[lora_name]:  # not vLLM's lock: load_lora_adapter takes that one
             if (known := self.lora_requests.get(lora_name)) is not None:
                 return known
-            try:
-                path = resolver.find(lora_name)
+            try:  # stats the roots: off the event loop (a hung mount must not stall it)
+                path = await copies.off_loop(resolver.find, lora_name, what="the adapter roots")
             except AdapterPathRefusedError as e:
                 return create_error_response(str(e), "PermissionDenied", HTTPStatus.FORBIDDEN)
+            except AdapterReadTimeoutError as e:
+                return _unavailable(str(e))
             except ValueError as e:
                 return create_error_response(str(e), "InvalidUserInput")
             if path is None:
@@ -310,8 +326,39 @@ def _wrap_check_model(orig: Callable) -> Callable:
     return _check_model
 
 
+def _unavailable(message: str) -> Any:
+    from vllm.entrypoints.serve import create_error_response
+
+    return create_error_response(
+        message, "ServiceUnavailableError", HTTPStatus.SERVICE_UNAVAILABLE
+    )
+
+
+async def _copy_for_worker(request: Any) -> tuple[Any, tuple[str, str | None] | None, Any]:
+    """(request naming the server's copy of its folder, (copy, peft_type), None), or (request,
+    None, error response): the folder is checked and copied off the event loop
+    (`serving.copies`); (request, None, None) for a path that is not a local folder."""
+    from vllm.entrypoints.serve import create_error_response
+
+    try:
+        prepared = await copies.prepare(request.lora_path)
+    except AdapterPathRefusedError as e:
+        return request, None, create_error_response(
+            str(e), "PermissionDenied", HTTPStatus.FORBIDDEN
+        )
+    except AdapterReadTimeoutError as e:
+        return request, None, _unavailable(str(e))
+    except ValueError as e:  # FLoRAAdapterError (what is wrong with the folder), a null byte
+        return request, None, create_error_response(str(e), "InvalidUserInput")
+    if prepared is None:  # not a local folder: vLLM's own resolution (hub id) or its 404
+        return request, None, None
+    _origin[prepared[0]] = request.lora_path
+    return request.model_copy(update={"lora_path": prepared[0]}), prepared, None
+
+
 def _wrap_load_lora_adapter(orig: Callable) -> Callable:
     from vllm.entrypoints.serve import create_error_response
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     @functools.wraps(orig)
     async def load_lora_adapter(self: Any, request: Any, base_model_name: str | None = None):
@@ -321,18 +368,39 @@ def _wrap_load_lora_adapter(orig: Callable) -> Callable:
                 f"adapter name '{request.lora_name}' is the served model's name; pick another",
                 "InvalidUserInput",
             )
+        prepared = None
         if request.lora_path:
-            try:
-                check_adapter_path(request.lora_path, get_config().adapter_roots)
-            except AdapterPathRefusedError as e:
-                return create_error_response(str(e), "PermissionDenied", HTTPStatus.FORBIDDEN)
-            except ValueError as e:
-                return create_error_response(str(e), "InvalidUserInput")
+            request, prepared, refusal = await _copy_for_worker(request)
+            if refusal is not None:
+                return refusal
         if request.load_inplace and request.lora_name in self.lora_requests:
-            return _load_status(await _reload(self, request, base_model_name))
-        return _load_status(await orig(self, request, base_model_name))
+            result = _load_status(await _reload(self, request, base_model_name))
+        else:
+            result = _load_status(await orig(self, request, base_model_name))
+        if prepared is not None:
+            copy, peft_type = prepared
+            loaded = self.lora_requests.get(request.lora_name)
+            if isinstance(result, ErrorResponse) or loaded is None or loaded.lora_path != copy:
+                _origin.pop(copy, None)
+                copies.discard(copy)
+            else:  # the copy lives as long as the id; the metric label needs no file read
+                _copy_of[loaded.lora_int_id] = copy
+                remember_adapter_type(loaded.lora_int_id, peft_type)
+        return result
 
     return load_lora_adapter
+
+
+def _wrap_show_available_models(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    async def show_available_models(self: Any) -> Any:
+        """`/v1/models`: an adapter's `root` is the folder the client named, not the copy."""
+        listing = await orig(self)
+        for card in listing.data:
+            card.root = _origin.get(card.root, card.root)
+        return listing
+
+    return show_available_models
 
 
 def _wrap_unload_lora_adapter(orig: Callable) -> Callable:
@@ -356,9 +424,51 @@ def _wrap_unload_lora_adapter(orig: Callable) -> Callable:
     return unload_lora_adapter
 
 
+@functools.cache
+def _gone_error_cls() -> type:
+    """vLLM's retryable generation error (a 503 with the message; plain GenerationError with
+    status 503 where the installed vLLM has no RetryableRequestError)."""
+    from vllm import exceptions
+
+    base = getattr(exceptions, "RetryableRequestError", exceptions.GenerationError)
+
+    class AdapterGoneRequestError(base):  # type: ignore[misc, valid-type]
+        """The engine refused a request whose adapter id it had already dropped."""
+
+        def __init__(self, message: str) -> None:
+            super().__init__(message)
+            self.status_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+    return AdapterGoneRequestError
+
+
+def _wrap_generate(orig: Callable) -> Callable:
+    from flora_vllm.hooks.engine import GONE_MARK
+
+    @functools.wraps(orig)
+    async def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        """A request the engine core refused for its adapter id raises a 503 with the engine's
+        reason (stock vLLM turns every error output into a bare 500 "Internal server error")."""
+        outputs = orig(self, *args, **kwargs)
+        try:
+            async for out in outputs:
+                if out.finished:
+                    for o in out.outputs:
+                        reason = o.stop_reason
+                        if isinstance(reason, str) and reason.startswith(GONE_MARK):
+                            raise _gone_error_cls()(reason[len(GONE_MARK) :])
+                yield out
+        finally:
+            await outputs.aclose()  # vLLM aborts the request when its generator is closed
+
+    return generate
+
+
 HOLD_DIR_ENV = "FLORA_TEST_HOLD_DIR"
 """Test seam (off unless set): a request for an adapter named `held-*` stops between adapter
-resolution and the engine, writes `<dir>/<request id>.held` and waits for `<dir>/release`."""
+resolution and the engine, writes `<dir>/<request id>.held` and waits for `<dir>/release`; one
+named `held-gone-*` then has its id removed from the engine directly, past the leases (as a
+second API server or a bug could), so it reaches the engine core's refusal."""
 HOLD_LIMIT_S = 300.0
 
 
@@ -374,6 +484,8 @@ def _wrap_add_request_hold(orig: Callable, folder: str) -> Callable:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{HOLD_DIR_ENV}: nobody released {request_id}")
                 await asyncio.sleep(0.02)
+            if lora.lora_name.startswith("held-gone-"):
+                await self.remove_lora(lora.lora_int_id)
         return await orig(self, request_id, *args, **kwargs)
 
     return add_request

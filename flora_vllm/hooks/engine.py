@@ -5,8 +5,8 @@ process runs at start-up. Hooks (targets checked in `flora_vllm.hooks`):
 
 - `EngineCore.remove_lora` / `.add_lora` / `.add_request` / `.abort_requests` / `.step` /
   `.step_with_batch_queue`: defense in depth: a removal waits while the scheduler holds a
-  request of that id; a request arriving with a removed id fails alone (reads
-  `EngineCoreProc._send_error_outputs_to_client`).
+  request of that id; a request arriving with a removed id fails alone, its reason in the
+  output's `stop_reason` (reads `EngineCoreProc.output_queue`, `_send_error_outputs_to_client`).
 - `vllm.v1.core.kv_cache_utils._gen_lora_extra_hash_keys`: prefix-cache blocks are keyed by
   adapter name *and id*, so a reloaded adapter never reuses KV computed with its old weights
   (two variants: a string key up to vLLM 0.30, the tagged tuple from 0.31).
@@ -114,23 +114,44 @@ class AdapterGoneError(ValueError):
     """A request reached the engine with an adapter id the engine already dropped."""
 
 
+GONE_MARK = "flora_vllm adapter gone: "
+"""Starts the `stop_reason` of a request the engine core refused for its adapter id; the API
+server turns such an output into a 503 carrying the reason (`api_server._wrap_generate`)."""
+
+
+def _send_refusal(core: Any, request: Any, reason: str) -> None:
+    """Finish `request` with an error whose `stop_reason` carries the reason to the API server
+    (vLLM's own error output carries none: its client would see a bare 500)."""
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+
+    queue = getattr(core, "output_queue", None)
+    if queue is None:  # not a process engine core with an output queue: vLLM's error output
+        core._send_error_outputs_to_client([request.request_id], request.client_index)
+        return
+    output = EngineCoreOutput(
+        request.request_id, [], finish_reason=FinishReason.ERROR, stop_reason=GONE_MARK + reason
+    )
+    outputs = EngineCoreOutputs(finished_requests={request.request_id}, outputs=[output])
+    queue.put_nowait((request.client_index, outputs))
+
+
 def _wrap_core_add_request(orig: Callable) -> Callable:
     @functools.wraps(orig)
     def add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        """Defense in depth: a request whose adapter id was removed fails alone, with the
-        reason in the log, instead of reaching a worker that no longer holds its weights (the
-        worker would reload the folder, maybe with other weights, or the step would crash)."""
+        """Defense in depth: a request whose adapter id was removed fails alone, with its
+        reason sent to its client (a 503: sent again, it resolves the name afresh), instead of
+        reaching a worker that no longer holds its weights (the worker would load the id again
+        from its path, or the step would crash)."""
         lora = request.lora_request
         if lora is not None and lora.lora_int_id in _engine_state(self)[1]:
             reason = (
-                f"request {request.request_id}: adapter '{lora.lora_name}' (id "
-                f"{lora.lora_int_id}) was unloaded before the request reached the engine"
+                f"adapter '{lora.lora_name}' (id {lora.lora_int_id}) was unloaded before "
+                f"request {request.request_id} reached the engine; send it again"
             )
             logger.error("flora_vllm: %s; failing this request only", reason)
-            send_error = getattr(self, "_send_error_outputs_to_client", None)
-            if send_error is None:  # in-process engine (LLM class): the caller gets the error
+            if not hasattr(self, "_send_error_outputs_to_client"):  # in-process (LLM class)
                 raise AdapterGoneError(reason)
-            send_error([request.request_id], request.client_index)
+            _send_refusal(self, request, reason)
             return None
         return orig(self, request, *args, **kwargs)
 

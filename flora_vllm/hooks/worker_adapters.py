@@ -4,8 +4,9 @@ Runs where vLLM's model runner lives (the worker; the engine core on a single-pr
 server). Hooks (targets checked in `flora_vllm.hooks`):
 
 - `vllm.lora.utils._all_lora_classes`: the FLoRA layer wrappers, tried before vLLM's own.
-- `WorkerLoRAManager._load_adapter`: folders holding anything but files and folders (a FIFO,
-  a device: opening one would block the engine step) are refused before anything is opened;
+- `WorkerLoRAManager._load_adapter`: reads the API server's copy of the folder
+  (`serving.copies`: never the client's folder, which may hang or change); folders holding
+  anything but files and folders (a FIFO, a device) are refused before anything is opened;
   FLoRA folders load as FLoRAModel; LoRA folders are checked from their safetensors header
   first (`adapter.lora`: complete modules, exact shapes, a byte limit); unknown peft_type values
   are refused (stock vLLM applies them as additive LoRA); LoRA weights with NaN/inf are refused;
@@ -44,6 +45,7 @@ from flora_vllm.adapter.lora import lora_problems
 from flora_vllm.config import get_config
 from flora_vllm.ops.torch_ops import factor_dtype
 from flora_vllm.serving.access import check_adapter_path
+from flora_vllm.serving.copies import is_copy
 
 logger = logging.getLogger("flora_vllm")
 
@@ -158,7 +160,8 @@ def _wrap_load_adapter(orig: Callable) -> Callable:
         try:
             if (fault := _injected_fault(name)) is not None:
                 raise fault
-            check_adapter_path(path, get_config().adapter_roots)  # the API server checked too
+            if not is_copy(path):  # the API server's copy of a checked folder, or the LLM class
+                check_adapter_path(path, get_config().adapter_roots)
             try:
                 abs_path = get_adapter_absolute_path(path)
             except FileNotFoundError as e:  # e.g. a hub id with no network: stock vLLM says 404

@@ -206,3 +206,71 @@ def test_folder_check_refuses_what_is_not_a_file_without_opening_it(tmp_path):
         "'gone' is a broken symlink",
     ]
     assert read_peft_type(str(tmp_path)) is None  # returns at once: the pipe is never opened
+
+
+# --- the API server's copy of a folder (what the worker reads) ---------------------------------
+
+
+def _folder(tmp_path, files: dict[str, bytes]) -> str:
+    src = tmp_path / "src"
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    return str(src)
+
+
+def test_copy_is_byte_identical_and_independent_of_the_folder(tmp_path):
+    from flora_vllm.adapter.snapshot import copy_adapter
+
+    src = _folder(tmp_path, {"adapter_config.json": b"{}", "w.safetensors": b"x" * 5000,
+                             "sub/extra.json": b"[]"})
+    (tmp_path / "copies").mkdir()
+    copy = copy_adapter(src, str(tmp_path / "copies"), 10_000)
+    for rel in ("adapter_config.json", "w.safetensors", "sub/extra.json"):
+        assert open(f"{copy}/{rel}", "rb").read() == (tmp_path / "src" / rel).read_bytes()
+    (tmp_path / "src" / "w.safetensors").write_bytes(b"y")  # rewritten in place
+    assert open(f"{copy}/w.safetensors", "rb").read() == b"x" * 5000  # the copy keeps its bytes
+
+
+def test_copy_refuses_what_is_too_large_before_reading_it(tmp_path, monkeypatch):
+    from flora_vllm.adapter import snapshot
+
+    src = _folder(tmp_path, {"adapter_config.json": b"{}"})
+    with open(f"{src}/huge.safetensors", "wb") as f:
+        f.truncate(5 * 2**30)  # sparse: a reader that trusted it would read 5 GiB
+    reads = []
+    monkeypatch.setattr(snapshot.os, "read", lambda fd, n: reads.append(n) or b"")
+    (tmp_path / "copies").mkdir()
+    with pytest.raises(FLoRAAdapterError, match="FLORA_MAX_ADAPTER_MB") as e:
+        snapshot.copy_adapter(src, str(tmp_path / "copies"), 2**20)
+    assert "'huge.safetensors' holds 5368709120 bytes" in str(e.value)
+    assert len(reads) <= 1  # at most the small config was read; nothing of the huge file
+    assert list((tmp_path / "copies").iterdir()) == []  # nothing left behind
+
+
+def test_copy_never_blocks_on_a_fifo_swapped_in_after_the_check(tmp_path):
+    """The folder check stats entries; a FIFO put there after it would block a plain open().
+    The copy opens without blocking and refuses what is not a regular file once open."""
+    import os
+
+    from flora_vllm.adapter.snapshot import _copy_file
+
+    fifo = tmp_path / "adapter_config.json"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        _copy_file(str(fifo), str(tmp_path / "out"), 2**20)  # would hang forever if it blocked
+    assert not (tmp_path / "out").exists()
+
+
+def test_copy_refuses_files_linking_outside_the_roots(tmp_path):
+    import os
+
+    from flora_vllm.adapter.snapshot import copy_adapter
+
+    (tmp_path / "secret").write_bytes(b"s")
+    src = _folder(tmp_path, {"adapter_config.json": b"{}"})
+    os.symlink(tmp_path / "secret", f"{src}/w.safetensors")
+    (tmp_path / "copies").mkdir()
+    with pytest.raises(FLoRAAdapterError, match="'w.safetensors' resolves outside"):
+        copy_adapter(src, str(tmp_path / "copies"), 2**20, roots=(src,))
+    assert copy_adapter(src, str(tmp_path / "copies"), 2**20)  # no roots: anything goes

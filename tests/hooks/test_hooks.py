@@ -245,3 +245,28 @@ def test_per_name_locks_live_only_while_in_use():
         assert sorted(order) == list(range(5)) and len(table) == 0
 
     asyncio.run(main())
+
+
+def test_lora_requests_info_keeps_one_series_with_capped_names():
+    """vLLM's `vllm:lora_requests_info` is labelled with the comma-joined running and waiting
+    adapter names: stock, every combination ever seen stays a series. Hooked: one series, each
+    name list sorted and cut at LORA_INFO_NAMES."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    registry = CollectorRegistry()
+    stock = Gauge("vllm:lora_requests_info", "info",
+                  ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                  registry=registry)
+    gauge = api_metrics.LatestSeriesGauge(stock)
+    names = [f"tenant-{i:03d}" for i in range(300)]
+    for step in range(50):  # 50 steps, each with other running / waiting adapters
+        running = ",".join(names[step : step + 40])
+        gauge.labels(max_lora=4, waiting_lora_adapters="", running_lora_adapters=running)
+        gauge.labels(
+            max_lora=4, waiting_lora_adapters=names[step], running_lora_adapters=running
+        ).set_to_current_time()
+    samples = [s for m in registry.collect() for s in m.samples]
+    assert len(samples) == 1
+    running = samples[0].labels["running_lora_adapters"].split(",")
+    assert running == sorted(names[49 : 49 + 40])[: api_metrics.LORA_INFO_NAMES] + ["+24 more"]
+    assert samples[0].labels["waiting_lora_adapters"] == names[49]

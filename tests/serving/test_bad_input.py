@@ -323,6 +323,71 @@ def test_fifo_in_an_adapter_never_holds_other_tenants(good, model_sets, tmp_path
     _still_serving(good)
 
 
+SLOW_READ_S, READ_TIMEOUT_S = 8.0, 5.0  # the llama_server's test seam and timeout (conftest)
+
+
+def test_slow_disk_never_holds_other_tenants(good, model_sets, tmp_path, llama_server):
+    """A folder on a disk that does not answer in time (test seam: `slow-*` folders read 8 s
+    late; the server waits 5 s): the load is a 503 naming the timeout, answered at the
+    timeout, not when the disk answers; requests of other tenants sent meanwhile are answered,
+    exactly; nothing is registered, and the late copy does not stay on disk."""
+    import shutil
+
+    from flora_vllm.config import FLoRAConfig
+
+    path = str(tmp_path / "slow-flora")
+    shutil.copytree(model_sets["llama"]["flora-r2"], path)
+    c, started = good["client"], time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        load = pool.submit(c.post, LOAD, json={"lora_name": "slow-flora", "lora_path": path})
+        others = [c.post(COMPLETIONS, json=good["body"]) for _ in range(3)]
+        others_done = time.monotonic() - started
+        refused = load.result(timeout=120)
+        refused_at = time.monotonic() - started
+    for answered in others:
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["choices"][0]["logprobs"]["tokens"] == good["answer"]["tokens"]
+    assert others_done < READ_TIMEOUT_S  # answered while the load waited on the disk
+    assert refused.status_code == 503, refused.text
+    assert "FLORA_ADAPTER_READ_TIMEOUT_S" in _error(refused) and path in _error(refused)
+    assert READ_TIMEOUT_S <= refused_at < SLOW_READ_S  # the timeout, not the disk, answered
+    assert "slow-flora" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
+    # The slow read finishes at 8 s; its copy is removed then (the server logs it).
+    folder = next(
+        os.path.join(root, d) for root in [FLoRAConfig.from_env().snapshot_root()]
+        for d in os.listdir(root) if d.startswith(f"server-{llama_server.proc.pid}-")
+    )
+    late = re.compile(r"adapter read that timed out finished; copy (\S+) removed")
+    deadline, found = time.monotonic() + 60, None
+    while found is None and time.monotonic() < deadline:
+        found = late.search(open(llama_server.log_path, errors="replace").read())
+        time.sleep(0.2)  # polls the server's log for the event; the server itself waits on none
+    assert found is not None and os.path.dirname(found.group(1)) == folder
+    deadline = time.monotonic() + 30  # removal runs in the server's reader pool
+    while os.path.exists(found.group(1)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(found.group(1))
+    _still_serving(good)
+
+
+def test_huge_adapter_is_refused_without_reading_it(good, model_sets, tmp_path, llama_server):
+    """A LoRA file of 5 GiB (sparse: no disk used) whose header declares one 5 GiB tensor: a
+    400 naming FLORA_MAX_ADAPTER_MB within seconds, and no process of the server grows (vLLM's
+    loader used to read it all: +5.6 GiB RSS)."""
+    import psutil
+
+    procs = [psutil.Process(llama_server.proc.pid)]
+    procs += procs[0].children(recursive=True)
+    rss = lambda: sum(p.memory_info().rss for p in procs if p.is_running())  # noqa: E731
+    path = lora_claiming(5 * 2**30)(_src(model_sets, str(tmp_path / "huge")))
+    before, started = rss(), time.monotonic()
+    _load_refused(good, "huge-lora", path, 400, "FLORA_MAX_ADAPTER_MB")
+    took, grown = time.monotonic() - started, rss() - before
+    print(f"refused in {took:.2f} s, server RSS {before / 2**20:.0f} MiB {grown / 2**20:+.1f} MiB")
+    assert took < 30 and grown < 256 * 2**20
+    _still_serving(good)
+
+
 def _open_fifo_writer(path: str) -> int | None:
     """A non-blocking writer on a FIFO, or None when no reader has it open."""
     try:

@@ -1,0 +1,118 @@
+"""The API server's adapter copies: every file an adapter load touches is read here, in a small
+thread pool under a timeout, so neither the event loop nor the engine's step ever waits on a
+client's folder (`adapter.snapshot` says why the worker reads a copy). No vLLM import.
+
+Runs in: the API server (or a Ray replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from flora_vllm.adapter import peft_type_and_problem
+from flora_vllm.adapter.snapshot import copy_adapter
+from flora_vllm.config import get_config
+from flora_vllm.serving.access import check_adapter_path
+
+logger = logging.getLogger("flora_vllm")
+
+READERS = 4  # threads reading adapter folders; a hung disk can hold at most these
+HEADER_SLACK = 16 * 2**20  # bytes of config and safetensors headers on top of the tensor limit
+T = TypeVar("T")
+
+
+class AdapterReadTimeoutError(TimeoutError):
+    """An adapter folder was not read in time: the disk is slow or hung (HTTP 503, retry)."""
+
+
+_pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="flora-adapter-read")
+_folder: str | None = None
+_lock = threading.Lock()
+
+
+def _own_folder() -> str:
+    """This process's folder of copies under the snapshot root, removed at exit."""
+    global _folder
+    with _lock:
+        if _folder is None:
+            root = get_config().snapshot_root()
+            os.makedirs(root, mode=0o700, exist_ok=True)
+            _folder = tempfile.mkdtemp(prefix=f"server-{os.getpid()}-", dir=root)
+            atexit.register(shutil.rmtree, _folder, True)
+        return _folder
+
+
+async def off_loop(fn: Callable[..., T], *args: Any, what: str) -> T:
+    """`fn(*args)` in the reader pool, waited for at most FLORA_ADAPTER_READ_TIMEOUT_S; on a
+    timeout the thread is left to finish (its result is dropped) and the caller gets
+    AdapterReadTimeoutError naming `what`."""
+    timeout = get_config().read_timeout_s
+    future = asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), timeout)
+    except TimeoutError:
+        future.add_done_callback(_discard_late)
+        raise AdapterReadTimeoutError(
+            f"{what} was not read within {timeout:g} s (FLORA_ADAPTER_READ_TIMEOUT_S): the disk "
+            "is slow or not answering; other adapters are served meanwhile, retry later"
+        ) from None
+
+
+def _discard_late(future: asyncio.Future) -> None:
+    """A copy that finished after its caller gave up is removed (a path result is a copy)."""
+    if not future.cancelled() and future.exception() is None:
+        result = future.result()
+        if isinstance(result, tuple) and result and isinstance(result[0], str):
+            logger.info("flora_vllm: an adapter read that timed out finished; copy %s removed",
+                        result[0])
+            discard(result[0])
+
+
+SLOW_READ_ENV = "FLORA_TEST_SLOW_READ_S"
+"""Test seam (off unless set): reading a folder whose name starts with `slow-` takes this many
+seconds longer, as on a slow or hung disk."""
+
+
+def _prepare(path: str) -> tuple[str, str | None]:
+    """(copy of the folder, its peft_type): roots checked file by file, then copied."""
+    delay = os.environ.get(SLOW_READ_ENV)
+    if delay and os.path.basename(os.path.normpath(path)).startswith("slow-"):
+        time.sleep(float(delay))
+    cfg = get_config()
+    check_adapter_path(path, cfg.adapter_roots)
+    limit = cfg.max_adapter_mb * 2**20 + HEADER_SLACK
+    copy = copy_adapter(os.path.expanduser(path), _own_folder(), limit, cfg.adapter_roots)
+    peft_type, _ = peft_type_and_problem(copy)  # the worker reports a broken config
+    return copy, peft_type
+
+
+async def prepare(path: str) -> tuple[str, str | None] | None:
+    """Copy adapter folder `path` for the worker, off the event loop, with the timeout: (copy,
+    peft_type), or None when `path` is not a local folder (vLLM resolves or refuses it).
+    Raises AdapterPathRefusedError, FLoRAAdapterError, AdapterReadTimeoutError."""
+    local = os.path.expanduser(path)
+    if not await off_loop(os.path.isdir, local, what=f"adapter path {path!r}"):
+        return None
+    return await off_loop(_prepare, path, what=f"adapter folder {path!r}")
+
+
+def is_copy(path: str) -> bool:
+    """Whether `path` is one of the server's copies (the worker may read those)."""
+    root = get_config().snapshot_root()
+    return os.path.commonpath([os.path.realpath(path), root]) == root
+
+
+def discard(copy: str) -> None:
+    """Remove a copy (in the reader pool: never on the event loop)."""
+    if is_copy(copy):
+        _pool.submit(shutil.rmtree, copy, True)
