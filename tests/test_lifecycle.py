@@ -251,7 +251,7 @@ def test_engine_core_fails_only_the_request_of_a_removed_id(core):
     assert core.added == ["other"]
     [(request_id, reason)] = _refused(core)  # the reason travels to the API server (a 503)
     assert request_id == "late" and reason.startswith(engine.GONE_MARK)
-    assert "adapter 'a8' (id 8) was unloaded before request late reached the engine" in reason
+    assert "adapter 'a8' (id 8) was unloaded from the engine before request late" in reason
     core.add_lora(_request("x", 8).lora_request)  # loaded again: served again
     core.add_request(_request("again", 8))
     assert core.added == ["other", "again"]

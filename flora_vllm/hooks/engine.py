@@ -139,14 +139,14 @@ def _wrap_core_add_request(orig: Callable) -> Callable:
     @functools.wraps(orig)
     def add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         """Defense in depth: a request whose adapter id was removed fails alone, with its
-        reason sent to its client (a 503: sent again, it resolves the name afresh), instead of
+        reason sent to its client (a 503), instead of
         reaching a worker that no longer holds its weights (the worker would load the id again
         from its path, or the step would crash)."""
         lora = request.lora_request
         if lora is not None and lora.lora_int_id in _engine_state(self)[1]:
             reason = (
-                f"adapter '{lora.lora_name}' (id {lora.lora_int_id}) was unloaded before "
-                f"request {request.request_id} reached the engine; send it again"
+                f"adapter '{lora.lora_name}' (id {lora.lora_int_id}) was unloaded from the "
+                f"engine before request {request.request_id} reached it"
             )
             logger.error("flora_vllm: %s; failing this request only", reason)
             if not hasattr(self, "_send_error_outputs_to_client"):  # in-process (LLM class)

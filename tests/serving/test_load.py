@@ -586,3 +586,102 @@ def test_request_held_across_unload_and_reload(env: LoadEnv, tmp_path: Path) -> 
         a = ask(env.http, model, prompts[0])
         assert a.status == 200 and mismatch(ref, a) is None, (model, a.status, a.error)
     unload_adapter(env.http, name)
+
+
+# --- what the worker reads, and the engine core's last defense ------------------------------------
+
+
+def _resident(http: httpx.Client, name: str) -> list[str]:
+    """The locations (device / host) where the workers hold adapter `name` now."""
+    pattern = re.compile(r'^flora:adapter_resident\{(.*)\} (\S+)$')
+    where = []
+    for line in http.get("/metrics").text.splitlines():
+        if (m := pattern.match(line)) and f'adapter="{name}"' in m.group(1):
+            if float(m.group(2)) > 0:
+                where.append(re.search(r'location="(\w+)"', m.group(1)).group(1))
+    return where
+
+
+def test_evicted_adapter_comes_back_with_the_weights_it_was_loaded_with(
+    env: LoadEnv, tmp_path: Path
+) -> None:
+    """vLLM's worker cache (--max-cpu-loras 10) drops an adapter id when other adapters need
+    room, and loads it again from its path on its next request. Its folder is rewritten in
+    place meanwhile: the id still answers with the weights it was loaded with (the worker reads
+    the server's copy, never the client's folder); only a reload serves the new files."""
+    base, name = env.paths["base"], "evicted-x"
+    folder = make_flora_adapter(base, str(tmp_path / "adapter"), 4, LLAMA_TARGETS, seed=6000)
+    ref_old = load_reference(base, folder)
+    load_adapter(env.http, name, folder)
+    try:
+        a = ask(env.http, name, _long_prompt(70))
+        assert a.status == 200 and mismatch(ref_old, a) is None, (a.status, a.error)
+        _overwrite(folder, base, 6001, tmp_path)
+        ref_new = load_reference(base, folder)
+        for other in [_flora_name(i) for i in range(N_FLORA)]:  # > MAX_CPU_LORAS other ids
+            b = ask(env.http, other, _long_prompt(71), max_tokens=2)
+            assert b.status == 200, (other, b.status, b.error)
+        assert _resident(env.http, name) == [], "the worker cache still holds the adapter"
+        a = ask(env.http, name, _long_prompt(72))  # a new prompt: no cached KV blocks
+        assert a.status == 200, a.error
+        assert mismatch(ref_old, a) is None, mismatch(ref_old, a)
+        assert _moved(ref_new, a) > 0.05, "the evicted id came back with the rewritten files"
+        load_adapter(env.http, name, folder, inplace=True)  # a reload reads the new files
+        a = ask(env.http, name, _long_prompt(72))
+        assert a.status == 200 and mismatch(ref_new, a) is None, (a.status, a.error)
+    finally:
+        unload_adapter(env.http, name)
+
+
+def test_request_refused_by_the_engine_core_gets_its_reason(env: LoadEnv, tmp_path: Path) -> None:
+    """The engine core's last defense: a request that reaches it with an adapter id it already
+    dropped fails alone. Test seam: a `held-gone-*` request has its id removed from the engine
+    past the API server's references (as a bug or a second API server could). Its client gets
+    a 503 that says why, streamed or not (stock vLLM: a bare 500 "Internal server error"), and
+    requests of other adapters sent with it are answered."""
+    base, name = env.paths["base"], "held-gone-x"
+    folder = make_flora_adapter(base, str(tmp_path / "adapter"), 2, LLAMA_TARGETS, seed=6100)
+    (env.hold_dir / "release").touch()  # held requests pass at once; the seam then removes
+    why = re.compile(r"adapter 'held-gone-x' \(id \d+\) was unloaded from the engine before")
+    problems = []
+    try:
+        for stream in (False, True):
+            load_adapter(env.http, name, folder, inplace=stream)  # a fresh id each time
+            with ThreadPoolExecutor(2) as pool:
+                gone = pool.submit(
+                    env.http.post, "/v1/completions", json=_body(name, [5, 6, 7], 4, stream)
+                )
+                other = ask(env.http, "flora-01", _long_prompt(73))
+                r = gone.result(timeout=120)
+            if other.status != 200 or (m := mismatch(env.ref("flora-01"), other)):
+                problems.append(f"stream={stream}: the other tenant got {other.status} {m}")
+            if not stream:
+                error = r.json().get("error", {})
+                if r.status_code != 503 or not why.search(error.get("message", "")):
+                    problems.append(f"not a 503 with the reason: {r.status_code} {r.text[:300]}")
+            else:  # the stream had started (200): its error event carries status and reason
+                events = [json.loads(ln[6:]) for ln in r.text.splitlines()
+                          if ln.startswith("data: {")]
+                errors = [e["error"] for e in events if "error" in e]
+                if not errors or errors[0].get("code") != 503 or not why.search(
+                    errors[0].get("message", "")
+                ):
+                    problems.append(f"stream: no 503 error event with the reason: {r.text[:300]}")
+    finally:
+        unload_adapter(env.http, name)
+    assert not problems, "\n".join(problems) + f"\n{_log_excerpt(env.log_path)}"
+    assert env.http.get("/health").status_code == 200
+
+
+def test_lora_requests_info_has_one_series_after_all_this(env: LoadEnv) -> None:
+    """Last: after the churn above (20+ adapters in every running/waiting combination), vLLM's
+    `vllm:lora_requests_info` holds one series (stock: one per combination ever seen), with at
+    most LORA_INFO_NAMES names per label."""
+    from flora_vllm.hooks.api_metrics import LORA_INFO_NAMES
+
+    ask(env.http, "flora-03", _long_prompt(74), max_tokens=2)  # a fresh record to scrape
+    series = [ln for ln in env.http.get("/metrics").text.splitlines()
+              if ln.startswith("vllm:lora_requests_info{")]
+    assert len(series) == 1, series[:5]
+    for label in re.findall(r'(?:running|waiting)_lora_adapters="([^"]*)"', series[0]):
+        assert len([n for n in label.split(",") if n and "more" not in n]) <= LORA_INFO_NAMES
