@@ -46,7 +46,7 @@ class FLoRAConfig:
 
     snapshot_dir: str = ""
     """Where the API server keeps the copies of loaded adapters that the workers read (empty:
-    `flora-vllm-adapters` in the system's temp folder). Env FLORA_SNAPSHOT_DIR."""
+    `flora-vllm-adapters-<uid>` in the system's temp folder). Env FLORA_SNAPSHOT_DIR."""
 
     compile: bool = True
     """Keep vLLM's compilation of the model on a CPU server with LoRA enabled (vLLM turns it off
@@ -108,9 +108,8 @@ class FLoRAConfig:
         """The resolved folder that holds the API server's adapter copies (`snapshot_dir`)."""
         import tempfile
 
-        return os.path.realpath(
-            self.snapshot_dir or os.path.join(tempfile.gettempdir(), "flora-vllm-adapters")
-        )
+        default = os.path.join(tempfile.gettempdir(), f"flora-vllm-adapters-{os.getuid()}")
+        return os.path.realpath(self.snapshot_dir or default)
 
     def rank_limit(self, max_lora_rank: int) -> tuple[int, str]:
         """(largest FLoRA rank a slot holds, the setting that says so) on a server whose

@@ -326,3 +326,36 @@ def link_in(name: str, target: Callable[[Src], str]) -> Builder:
         return d
 
     return build
+
+
+def nested(depth: int, of: Builder = flora) -> Builder:
+    """A copy (FLoRA unless `of`) with `depth` folders nested in it (a recursive walk of it
+    exhausts Python's recursion limit)."""
+
+    def build(s: Src) -> str:
+        d = path = of(s)
+        for _ in range(depth):
+            path = os.path.join(path, "a")
+            os.mkdir(path)
+        return d
+
+    return build
+
+
+def many_files(n: int, of: Builder = flora) -> Builder:
+    """A copy (FLoRA unless `of`) with `n` empty files in it."""
+
+    def build(s: Src) -> str:
+        d = of(s)
+        for i in range(n):
+            open(os.path.join(d, f"f{i}"), "w").close()
+        return d
+
+    return build
+
+
+def symlink_loop(s: Src) -> str:
+    """A FLoRA copy holding a link to itself (a walk that follows links never ends)."""
+    d = flora(s)
+    os.symlink(d, os.path.join(d, "loop"))
+    return d

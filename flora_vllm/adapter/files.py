@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 
 MAX_ENTRIES = 1000  # files and folders in one adapter folder (PEFT writes 2-4)
+MAX_DEPTH = 8  # folder levels below an adapter folder (PEFT writes none)
 
 _KINDS = (
     (stat.S_ISFIFO, "a named pipe (FIFO)"),
@@ -38,21 +40,51 @@ def entry_problem(path: str) -> str | None:
     return f"is {kind}, not a regular file"
 
 
+class FolderLimitError(ValueError):
+    """An adapter folder with more entries or levels than any adapter has."""
+
+
+def entries(adapter_dir: str) -> Iterator[tuple[str, str]]:
+    """(path relative to `adapter_dir`, full path) of every entry below it, breadth first,
+    symlinked folders followed; raises FolderLimitError past MAX_ENTRIES entries or MAX_DEPTH
+    levels (a symlink loop, a folder built to exhaust the walk: os.walk recurses)."""
+    seen, level = 0, [""]
+    for depth in range(MAX_DEPTH + 1):
+        below = []
+        for rel in level:
+            with os.scandir(os.path.join(adapter_dir, rel)) as it:
+                names = sorted(e.name for e in it)
+            for name in names:
+                seen += 1
+                if seen > MAX_ENTRIES:
+                    raise FolderLimitError(f"the folder holds more than {MAX_ENTRIES} entries")
+                sub = os.path.join(rel, name)
+                full = os.path.join(adapter_dir, sub)
+                yield sub, full
+                if os.path.isdir(full):
+                    below.append(sub)
+        if not below:
+            return
+        if depth == MAX_DEPTH:
+            raise FolderLimitError(f"the folder nests folders more than {MAX_DEPTH} deep")
+        level = below
+
+
 def folder_problems(adapter_dir: str) -> list[str]:
     """Every entry of an adapter folder (recursively) that is not a regular file or a folder,
-    and a folder of more than MAX_ENTRIES entries; empty when the folder is fine or missing."""
+    and a folder past MAX_ENTRIES entries or MAX_DEPTH levels; empty when the folder is fine
+    or missing."""
     problems: list[str] = []
     if (own := entry_problem(adapter_dir)) is not None:
         return [f"the adapter path {own}"]
     if not os.path.isdir(adapter_dir):
         return []
-    seen = 0
-    for dirpath, dirnames, filenames in os.walk(adapter_dir):
-        for name in dirnames + filenames:
-            seen += 1
-            if seen > MAX_ENTRIES:
-                return [*problems, f"the folder holds more than {MAX_ENTRIES} entries"]
-            full = os.path.join(dirpath, name)
+    try:
+        for rel, full in entries(adapter_dir):
             if (problem := entry_problem(full)) is not None:
-                problems.append(f"{os.path.relpath(full, adapter_dir)!r} {problem}")
+                problems.append(f"{rel!r} {problem}")
+    except FolderLimitError as e:
+        problems.append(str(e))
+    except OSError as e:
+        problems.append(f"the folder cannot be listed ({e.strerror or e})")
     return problems

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Sequence
 
 from flora_vllm.adapter.config import FLoRAAdapterError
-from flora_vllm.adapter.files import MAX_ENTRIES, folder_problems
+from flora_vllm.adapter.files import FolderLimitError, entries, folder_problems
 
 CHUNK = 1 << 20  # bytes per read
 
@@ -63,33 +63,30 @@ def copy_adapter(src: str, dest_parent: str, limit_bytes: int, roots: Sequence[s
     if problems := folder_problems(src):
         raise FLoRAAdapterError(label, problems)
     dest = tempfile.mkdtemp(prefix="adapter-", dir=dest_parent)
-    problems, budget, seen = [], limit_bytes, 0
+    problems, budget = [], limit_bytes
     try:
-        for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
-            rel_dir = os.path.relpath(dirpath, src)
-            os.makedirs(os.path.join(dest, rel_dir), exist_ok=True)
-            seen += len(dirnames) + len(filenames)
-            if seen > MAX_ENTRIES:  # a symlinked folder loop, or a folder that grew meanwhile
-                too_many = f"the folder holds more than {MAX_ENTRIES} entries"
-                raise FLoRAAdapterError(label, [too_many])
-            for name in filenames:
-                path = os.path.join(dirpath, name)
-                rel = os.path.normpath(os.path.join(rel_dir, name))
-                if not _inside(os.path.realpath(path), roots):
-                    problems.append(f"{rel!r} resolves outside the adapter roots")
-                    continue
-                try:
-                    budget -= _copy_file(path, os.path.join(dest, rel), budget)
-                except ValueError as e:
-                    problems.append(f"{rel!r} {e}")
-                except OSError as e:
-                    problems.append(f"{rel!r} cannot be read ({e.strerror or e})")
+        for rel, path in entries(src):
+            if os.path.isdir(path):
+                os.makedirs(os.path.join(dest, rel), exist_ok=True)
+                continue
+            if not _inside(os.path.realpath(path), roots):
+                problems.append(f"{rel!r} resolves outside the adapter roots")
+                continue
+            try:
+                budget -= _copy_file(path, os.path.join(dest, rel), budget)
+            except ValueError as e:
+                problems.append(f"{rel!r} {e}")
+            except OSError as e:
+                problems.append(f"{rel!r} cannot be read ({e.strerror or e})")
         if budget < 0 or any("limit" in p for p in problems):
             problems.append(
                 f"the adapter's files exceed FLORA_MAX_ADAPTER_MB ({limit_bytes // 2**20} MiB)"
             )
         if problems:
             raise FLoRAAdapterError(label, problems)
+    except FolderLimitError as e:  # the folder changed after the check
+        shutil.rmtree(dest, ignore_errors=True)
+        raise FLoRAAdapterError(label, [str(e)]) from e
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise

@@ -47,7 +47,7 @@ from flora_vllm.hooks.api_metrics import forget_adapter_type, remember_adapter_t
 from flora_vllm.lifecycle import ADAPTERS, retire
 from flora_vllm.serving import copies, metrics
 from flora_vllm.serving.access import AdapterPathRefusedError
-from flora_vllm.serving.copies import AdapterReadTimeoutError
+from flora_vllm.serving.copies import AdapterReadTimeoutError, CopyStorageError
 
 logger = logging.getLogger("flora_vllm")
 
@@ -346,7 +346,7 @@ async def _copy_for_worker(request: Any) -> tuple[Any, tuple[str, str | None] | 
         return request, None, create_error_response(
             str(e), "PermissionDenied", HTTPStatus.FORBIDDEN
         )
-    except AdapterReadTimeoutError as e:
+    except (AdapterReadTimeoutError, CopyStorageError) as e:  # the server's state: retry
         return request, None, _unavailable(str(e))
     except ValueError as e:  # FLoRAAdapterError (what is wrong with the folder), a null byte
         return request, None, create_error_response(str(e), "InvalidUserInput")

@@ -19,6 +19,8 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
+from flora_vllm.adapter.files import entries
+
 REFUSED = "outside the allowed adapter roots"  # every refusal says it (tests and clients match)
 
 
@@ -49,12 +51,10 @@ def check_adapter_path(path: str, roots: Sequence[str]) -> None:
         raise AdapterPathRefusedError(f"{where}: it resolves to {real!r}")
     if not os.path.isdir(real):
         return  # inside a root but missing: the loader answers 404 as usual
-    for dirpath, dirnames, filenames in os.walk(real):
-        for name in dirnames + filenames:
-            target = os.path.realpath(os.path.join(dirpath, name))
-            if not _inside(target, roots):
-                rel = os.path.relpath(os.path.join(dirpath, name), real)
-                raise AdapterPathRefusedError(f"{where}: {rel!r} links to {target!r}")
+    for rel, full in entries(real):  # FolderLimitError (a ValueError): too many, too deep
+        target = os.path.realpath(full)
+        if not _inside(target, roots):
+            raise AdapterPathRefusedError(f"{where}: {rel!r} links to {target!r}")
 
 
 def find_adapter_folder(name: str, roots: Sequence[str]) -> str | None:

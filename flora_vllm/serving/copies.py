@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from flora_vllm.adapter import peft_type_and_problem
@@ -35,43 +35,67 @@ class AdapterReadTimeoutError(TimeoutError):
     """An adapter folder was not read in time: the disk is slow or hung (HTTP 503, retry)."""
 
 
+class CopyStorageError(RuntimeError):
+    """The server cannot write its adapter copies (its own state, not the adapter's: 503)."""
+
+
 _pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="flora-adapter-read")
 _folder: str | None = None
 _lock = threading.Lock()
 
 
 def _own_folder() -> str:
-    """This process's folder of copies under the snapshot root, removed at exit."""
+    """This process's folder of copies under the snapshot root, removed at exit (and by the
+    next server to start, should this one be killed)."""
     global _folder
     with _lock:
         if _folder is None:
             root = get_config().snapshot_root()
             os.makedirs(root, mode=0o700, exist_ok=True)
+            _sweep(root)
             _folder = tempfile.mkdtemp(prefix=f"server-{os.getpid()}-", dir=root)
             atexit.register(shutil.rmtree, _folder, True)
         return _folder
 
 
+def _sweep(root: str) -> None:
+    """Remove the copies of servers that are gone (killed before their exit handler ran)."""
+    for name in os.listdir(root):
+        pid = name.split("-")[1] if name.startswith("server-") else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 async def off_loop(fn: Callable[..., T], *args: Any, what: str) -> T:
     """`fn(*args)` in the reader pool, waited for at most FLORA_ADAPTER_READ_TIMEOUT_S; on a
-    timeout the thread is left to finish (its result is dropped) and the caller gets
-    AdapterReadTimeoutError naming `what`."""
+    timeout the caller gets AdapterReadTimeoutError naming `what`, and the call, left to
+    finish in its thread (or never started, if still queued), has its copy removed then."""
     timeout = get_config().read_timeout_s
-    future = asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
+    call = _pool.submit(fn, *args)
     try:
-        return await asyncio.wait_for(asyncio.shield(future), timeout)
+        return await asyncio.wait_for(asyncio.wrap_future(call), timeout)
     except TimeoutError:
-        future.add_done_callback(_discard_late)
+        call.add_done_callback(_discard_late)  # runs in the reader thread, loop or no loop
         raise AdapterReadTimeoutError(
             f"{what} was not read within {timeout:g} s (FLORA_ADAPTER_READ_TIMEOUT_S): the disk "
             "is slow or not answering; other adapters are served meanwhile, retry later"
         ) from None
 
 
-def _discard_late(future: asyncio.Future) -> None:
+def _discard_late(call: Future) -> None:
     """A copy that finished after its caller gave up is removed (a path result is a copy)."""
-    if not future.cancelled() and future.exception() is None:
-        result = future.result()
+    if not call.cancelled() and call.exception() is None:
+        result = call.result()
         if isinstance(result, tuple) and result and isinstance(result[0], str):
             logger.info("flora_vllm: an adapter read that timed out finished; copy %s removed",
                         result[0])
@@ -84,14 +108,22 @@ seconds longer, as on a slow or hung disk."""
 
 
 def _prepare(path: str) -> tuple[str, str | None]:
-    """(copy of the folder, its peft_type): roots checked file by file, then copied."""
+    """(copy of the folder, its peft_type): roots checked file by file, then copied. Raises
+    CopyStorageError when the server cannot write its copies (503)."""
     delay = os.environ.get(SLOW_READ_ENV)
     if delay and os.path.basename(os.path.normpath(path)).startswith("slow-"):
         time.sleep(float(delay))
     cfg = get_config()
     check_adapter_path(path, cfg.adapter_roots)
     limit = cfg.max_adapter_mb * 2**20 + HEADER_SLACK
-    copy = copy_adapter(os.path.expanduser(path), _own_folder(), limit, cfg.adapter_roots)
+    try:
+        folder = _own_folder()
+    except OSError as e:
+        raise CopyStorageError(
+            f"the server cannot keep adapter copies in {cfg.snapshot_root()!r} "
+            f"(FLORA_SNAPSHOT_DIR): {e.strerror or e}"
+        ) from e
+    copy = copy_adapter(os.path.expanduser(path), folder, limit, cfg.adapter_roots)
     peft_type, _ = peft_type_and_problem(copy)  # the worker reports a broken config
     return copy, peft_type
 
@@ -115,4 +147,7 @@ def is_copy(path: str) -> bool:
 def discard(copy: str) -> None:
     """Remove a copy (in the reader pool: never on the event loop)."""
     if is_copy(copy):
-        _pool.submit(shutil.rmtree, copy, True)
+        try:
+            _pool.submit(shutil.rmtree, copy, True)
+        except RuntimeError:  # the pool is shut down: the process is exiting
+            shutil.rmtree(copy, ignore_errors=True)

@@ -54,6 +54,8 @@ from malformed import (
     link_in,
     lora,
     lora_claiming,
+    many_files,
+    nested,
     overlap,
     poke,
     raw_safetensors,
@@ -63,6 +65,7 @@ from malformed import (
     set_tensor,
     symlink,
     symlink_chain,
+    symlink_loop,
     tensors,
     then,
     up_and_out,
@@ -215,6 +218,10 @@ ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("lora-config-is-fifo", fifo_instead_of(CONFIG, lora), 400, "named pipe (FIFO)"),
     AdapterCase("lora-weights-is-fifo", fifo_instead_of(LORA_WEIGHTS, lora), 400,
                 "named pipe (FIFO)"),
+    AdapterCase("nested-1500-deep", nested(1500), 400, "nests folders more than 8 deep"),
+    AdapterCase("lora-nested-1500-deep", nested(1500, lora), 400, "more than 8 deep"),
+    AdapterCase("5000-files", many_files(5000), 400, "holds more than 1000 entries"),
+    AdapterCase("symlink-loop", symlink_loop, 400, "more than 8 deep"),
     AdapterCase("broken-symlink", lambda s: symlink("/nonexistent", os.path.join(flora(s), "x"))
                 and s.tmp, 400, "broken symlink"),
     # -- the path, on a server without allowed roots (anything local goes; no hub here) -----
