@@ -9,10 +9,11 @@
 #      base, FLoRA (torch, fused Triton), LoRA (bmm, gathered, vLLM's Triton kernels), CUDA
 #      events with the L2 flushed before each call
 #
-# usage: bash benchmarks/gpu/run.sh [--out DIR] [--quick | --tiny]
+# usage: bash benchmarks/gpu/run.sh [--out DIR] [--quick | --tiny] [--dtype bfloat16|float16]
 #   --out DIR  where the files go (default benchmarks/results/gpu)
 #   --quick    2 shapes, T 1 16 256, ranks 1 4 16, bf16 only (if device time is short)
 #   --tiny     the CPU under TRITON_INTERPRET=1, tiny shapes, fp16 (the test suite runs this)
+#   --dtype    time this dtype only (default: both, bf16 first)
 # Writes DIR/check_<gpu>.json, DIR/layer_<gpu>_<dtype>.json (+ .png with matplotlib) and
 # DIR/run_<gpu>.log. Exit 1 when a check failed (the timings still run), else layer_bench's.
 # PYTHON names the interpreter (default python3). Run from anywhere: it cds to the repo root.
@@ -21,11 +22,13 @@ cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 OUT=benchmarks/results/gpu
 MODE=full
+ONLY_DTYPE=
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
     --quick) MODE=quick; shift ;;
     --tiny) MODE=tiny; shift ;;
+    --dtype) ONLY_DTYPE=$2; shift 2 ;;
     -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -41,6 +44,7 @@ case $MODE in
          LAYER=(--device cpu --shapes 48x80 --tokens 1 3 --ranks 1 2 --warmup 0 --reps 1)
          DTYPES=(float16) ;;  # bf16 reads garbage under triton 3.9's interpreter
 esac
+[ -z "$ONLY_DTYPE" ] || DTYPES=("$ONLY_DTYPE")
 
 if [ $MODE = tiny ]; then
   TAG=cpu-tiny
