@@ -8,9 +8,12 @@ compute what their torch references compute, at the shapes and dtypes it times t
             same dtype (which rounds every rank row) by more than a quarter of it.
     lora    vLLM's lora_shrink + lora_expand (the installed vLLM's, else the vendored copy in
             benchmarks/gpu/vendor/vllm_lora) added onto a base output, against the torch LoRA
-            y0 + scale * (x A_s^T) B_s^T in fp32, tokens on several slots and on none (-1).
+            y0 + scale * (x A_s^T) B_s^T in fp32, tokens on several slots and on none (-1):
+            one slice per layer shape (what layer_bench times), and packed layers of several
+            slices as vLLM serves them (qkv of equal slices; StarCoder's multi-query c_attn).
 
-Error: max |got - ref| / max |ref|. Tolerance: bfloat16 2e-2, float16 5e-3, float32 1e-4.
+Error: max |got - ref| / max |ref| (for LoRA also of the LoRA term alone, so that y0 cannot
+hide a wrong term). Tolerance: bfloat16 2e-2, float16 5e-3, float32 1e-4.
 
     python benchmarks/gpu/check.py --out DIR          CUDA: Llama-2-7B and StarCoder-15B shapes
     python benchmarks/gpu/check.py --tiny --out DIR   CPU under TRITON_INTERPRET=1, in seconds
@@ -43,6 +46,12 @@ SEED = 0
 # Under Triton's interpreter every program costs milliseconds: small shapes, few tokens, and
 # float16 / float32 only (bfloat16 loads read garbage under the interpreter of triton 3.9).
 TINY_SHAPES: dict[str, tuple[int, int, bool]] = {"tiny-odd": (37, 53, True)}
+# Packed layers: name -> (in_features, output slices), each slice with its own A and B.
+PACKED = {
+    "llama7b-qkv": (4096, (4096, 4096, 4096)),
+    "starcoder15b-c_attn": (6144, (6144, 128, 128)),  # multi-query: slices of unequal width
+}
+TINY_PACKED = {"tiny-packed": (37, (24, 8))}  # unequal widths: the strided-pointer path
 TINY_TOKENS = (5,)
 TINY_LORA_RANKS = (1, 4)
 TINY_FLORA_SLOT_RANKS = (1, 2, 4, 0)
@@ -98,9 +107,10 @@ def flora_case(
 
 
 def lora_case(
-    in_f: int, out_f: int, n_tok: int, rank: int, dtype, device, gen, ops, utils
+    in_f: int, slice_outs: Sequence[int], n_tok: int, rank: int, dtype, device, gen, ops, utils
 ) -> dict[str, Any]:
-    """vLLM's shrink + expand onto y0, a slot per token (and some plain tokens), vs torch."""
+    """vLLM's shrink + expand onto y0 (a packed output of the slices' widths), tokens on
+    shared slots and on none, against torch."""
     import torch
 
     n_slot = max(1, n_tok // 2)  # several tokens share a slot, as requests' tokens do
@@ -109,32 +119,42 @@ def lora_case(
         return (scale * torch.randn(*shape, generator=gen, device=device)).to(dtype)
 
     x = randn(n_tok, in_f)
-    lora_a = randn(n_slot, rank, in_f, scale=in_f**-0.5)  # [S, r, in]  vLLM's layout
-    lora_b = randn(n_slot, out_f, rank, scale=0.1)  # [S, out, r]
-    y0 = randn(n_tok, out_f)
+    a_list = [randn(n_slot, rank, in_f, scale=in_f**-0.5) for _ in slice_outs]  # [S, r, in]
+    b_list = [randn(n_slot, o, rank) for o in slice_outs]  # [S, out_i, r]
+    y0 = randn(n_tok, sum(slice_outs))
     slots = torch.randint(-1, n_slot, (n_tok,), generator=gen, device=device)
+    slots[-1] = n_slot - 1  # a LoRA token, always
     if n_tok > 1:
-        slots[0], slots[-1] = -1, n_slot - 1  # a plain token and a LoRA token, always
+        slots[0] = -1  # and a plain one
 
     utils._LORA_A_PTR_DICT.clear()  # strides are cached by data pointer
     utils._LORA_B_PTR_DICT.clear()
     meta = ops.LoRAKernelMeta.make(max_loras=n_slot, max_num_tokens=n_tok, device=device)
     meta.prepare_tensors(slots.to(torch.int32))
     meta_args = meta.meta_args(n_tok, False)
-    y = y0.clone()
-    h = torch.zeros(1, n_tok, rank, dtype=torch.float32, device=device)  # [slices, T, r]
-    ops.lora_shrink(x, [lora_a], h, *meta_args, LORA_SCALE)
-    ops.lora_expand(h, [lora_b], y, *meta_args, offset_start=0, add_inputs=True)
+    h = torch.zeros(len(slice_outs), n_tok, rank, dtype=torch.float32, device=device)
+    ops.lora_shrink(x, a_list, h, *meta_args, LORA_SCALE)  # h: [slices, T, r]
+    term = torch.zeros_like(y0)  # the LoRA term alone: its error is not hidden by y0
+    ops.lora_expand(h, b_list, term, *meta_args, offset_start=0, add_inputs=True)
+    y = y0.clone()  # and added onto a base output, as vLLM does
+    ops.lora_expand(h, b_list, y, *meta_args, offset_start=0, add_inputs=True)
 
     on = slots >= 0
     safe = slots.clamp(min=0)
-    h_ref = LORA_SCALE * torch.einsum("ti,tri->tr", x.float(), lora_a[safe].float())  # [T, r]
-    delta = torch.einsum("tr,tor->to", h_ref, lora_b[safe].float())  # [T, out]
-    ref = y0.float() + torch.where(on[:, None], delta, 0.0)
-    err = rel_err(y, ref)
+    deltas = []
+    for lora_a, lora_b in zip(a_list, b_list, strict=True):
+        h_ref = LORA_SCALE * torch.einsum("ti,tri->tr", x.float(), lora_a[safe].float())
+        deltas.append(torch.einsum("tr,tor->to", h_ref, lora_b[safe].float()))  # [T, out_i]
+    delta = torch.where(on[:, None], torch.cat(deltas, dim=1), 0.0)  # [T, out]
+    err_term, err = rel_err(term, delta), rel_err(y, y0.float() + delta)
     plain_kept = bool(torch.equal(y[~on], y0[~on]))  # tokens without LoRA are left alone
     tol = TOL[str(dtype).removeprefix("torch.")]
-    return {"rel_err": err, "plain_tokens_unchanged": plain_kept, "ok": err <= tol and plain_kept}
+    return {
+        "rel_err": err,
+        "rel_err_lora_term": err_term,
+        "plain_tokens_unchanged": plain_kept,
+        "ok": err <= tol and err_term <= tol and plain_kept,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,12 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "is imported)"
         )
     if args.tiny:
-        shapes, tokens, lora_ranks = TINY_SHAPES, TINY_TOKENS, TINY_LORA_RANKS
+        shapes, packed, tokens, lora_ranks = TINY_SHAPES, TINY_PACKED, TINY_TOKENS, TINY_LORA_RANKS
         flora_ranks, flora_dtypes, lora_dtypes = (
             TINY_FLORA_SLOT_RANKS, TINY_FLORA_DTYPES, TINY_LORA_DTYPES,
         )  # fmt: skip
     else:
-        shapes, tokens, lora_ranks = layer_bench.SHAPES, TOKENS, LORA_RANKS
+        shapes, packed, tokens, lora_ranks = layer_bench.SHAPES, PACKED, TOKENS, LORA_RANKS
         flora_ranks, flora_dtypes, lora_dtypes = FLORA_SLOT_RANKS, DTYPES, DTYPES
     ops, utils, lora_source = layer_bench.vllm_triton_lora()
     print(f"device {device}; vLLM's Triton LoRA kernels: {lora_source}")
@@ -179,23 +199,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             res = {"ok": False, "error": repr(e)}
         res["seconds"] = round(time.perf_counter() - t0, 3)
         cases.append({"kernel": kind, **point, **res})
-        err = f"rel_err {res['rel_err']:.2e}" if "rel_err" in res else res.get("error")
+        err = res.get("error") or " ".join(
+            f"{k} {v:.2e}" for k, v in res.items() if k.startswith("rel_err")
+        )
         print(f"{'ok  ' if res['ok'] else 'FAIL'} {kind:5} {point} {err}")
 
-    for name, (in_f, out_f, bias) in shapes.items():
-        for dt_name in flora_dtypes:
-            dtype = getattr(torch, dt_name)
-            for n_tok in tokens:
-                point = {"shape": name, "dtype": dt_name, "tokens": n_tok}
-                record("flora", point, flora_case,
-                       in_f, out_f, bias, n_tok, flora_ranks, dtype, device, gen)  # fmt: skip
+    layers = {name: (in_f, (out_f,)) for name, (in_f, out_f, _) in shapes.items()}
+    for name, (in_f, slice_outs) in {**layers, **packed}.items():
+        if name in shapes:
+            bias = shapes[name][2]
+            for dt_name in flora_dtypes:
+                dtype = getattr(torch, dt_name)
+                for n_tok in tokens:
+                    point = {"shape": name, "dtype": dt_name, "tokens": n_tok}
+                    record("flora", point, flora_case, in_f, slice_outs[0], bias, n_tok,
+                           flora_ranks, dtype, device, gen)  # fmt: skip
         for dt_name in lora_dtypes:
             dtype = getattr(torch, dt_name)
             for n_tok in tokens:
                 for rank in lora_ranks:
-                    point = {"shape": name, "dtype": dt_name, "tokens": n_tok, "rank": rank}
-                    record("lora", point, lora_case,
-                           in_f, out_f, n_tok, rank, dtype, device, gen, ops, utils)  # fmt: skip
+                    point = {"shape": name, "slices": list(slice_outs), "dtype": dt_name,
+                             "tokens": n_tok, "rank": rank}  # fmt: skip
+                    record("lora", point, lora_case, in_f, slice_outs, n_tok, rank, dtype,
+                           device, gen, ops, utils)  # fmt: skip
         if cuda:
             torch.cuda.empty_cache()
 
@@ -213,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tiny": args.tiny,
             "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
             "shapes": {k: {"in": v[0], "out": v[1], "bias": v[2]} for k, v in shapes.items()},
+            "packed_lora_layers": {k: {"in": i, "slices": list(o)} for k, (i, o) in packed.items()},
             "tokens": list(tokens),
             "lora_ranks": list(lora_ranks),
             "flora_slot_ranks": list(flora_ranks),
