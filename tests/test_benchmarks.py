@@ -140,6 +140,74 @@ def test_layer_bench_needs_no_vllm(tmp_path: Path) -> None:
     assert "vLLM does not import" in result["paths"]["vllm_lora_torch"]["skipped"]
 
 
+# ---- The GPU run (benchmarks/gpu/run.sh): its CPU variant under Triton's interpreter ---------
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _no_vllm_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Pythons cannot import vLLM, as on the lent GPU box: a `vllm.py`
+    that raises sits first on the path (every process run.sh starts inherits it)."""
+    shadow = tmp_path / "no_vllm"
+    shadow.mkdir()
+    (shadow / "vllm.py").write_text("raise ImportError('vLLM hidden: the GPU box has none')\n")
+    path = os.pathsep.join(p for p in (str(shadow), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHON": sys.executable}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_gpu_run_sh_tiny_without_vllm(tmp_path: Path) -> None:
+    """`bash benchmarks/gpu/run.sh --tiny`, vLLM hidden: the check runs the fused FLoRA kernel
+    against the torch op and the vendored vLLM lora_shrink/lora_expand against a torch LoRA,
+    then layer_bench times every Triton path with the vendored kernels; all interpreted."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu/run.sh", "--tiny", "--out", str(out)],
+        cwd=REPO, env=_no_vllm_env(tmp_path), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+    check = json.loads((out / "check_cpu-tiny.json").read_text())
+    assert check["passed"] and check["settings"]["triton_interpret"]
+    assert {c["kernel"] for c in check["cases"]} == {"flora", "lora"}
+    assert all(c["ok"] for c in check["cases"]), check["cases"]
+    assert check["vllm_lora_triton_source"].startswith("vendored from vLLM")
+
+    layer = json.loads((out / "layer_cpu-tiny_fp16.json").read_text())
+    paths = layer["paths"]
+    assert paths["flora_triton"]["skipped"] is None
+    assert paths["vllm_lora_triton"]["skipped"] is None
+    assert paths["vllm_lora_triton"]["source"].startswith("vendored from vLLM")
+    assert "vLLM does not import" in paths["vllm_lora_torch"]["skipped"]
+    assert layer["settings"]["dtype"] == "float16" and layer["results"]
+    for row in layer["results"]:
+        assert not row["failed"], row
+        errs = row["rel_err_vs_reference"]
+        assert errs["flora_triton"] < 1e-2 and errs["vllm_lora_triton"] < 1e-2, errs
+    assert (out / "layer_cpu-tiny_fp16.png").exists() == HAS_MATPLOTLIB
+    assert "== done" in (out / "run_cpu-tiny.log").read_text()
+
+
+def test_vendored_vllm_lora_is_current() -> None:
+    """benchmarks/gpu/vendor/vllm_lora is what vendor_vllm_lora.py makes of the installed vLLM
+    (when it is the release the copy names), and every file names that release."""
+    from benchmarks.gpu import vendor_vllm_lora as vendor
+
+    init = Path(vendor.VENDOR_DIR, "__init__.py").read_text()
+    version = init.split('VLLM_VERSION = "', 1)[1].split('"', 1)[0]
+    for name in vendor.FILES:
+        text = Path(vendor.VENDOR_DIR, name).read_text()
+        assert f"# Vendored from vLLM {version}, vllm/lora/ops/triton_ops/{name}" in text
+        assert "from vllm" not in text and "torch.ops.vllm." not in text
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed: nothing to compare the copy with")
+    if vendor.vllm_version() != version:
+        pytest.skip(f"installed vLLM {vendor.vllm_version()} is not {version}, the vendored one")
+    for name, text in vendor.vendored().items():
+        assert Path(vendor.VENDOR_DIR, name).read_text() == text, (
+            f"{name} differs: run python benchmarks/gpu/vendor_vllm_lora.py"
+        )
+
+
 # ---- Serving benchmark --------------------------------------------------------------------------
 METRICS = ("request_throughput", "output_throughput") + tuple(
     f"{stat}_{m}_ms" for stat in ("mean", "median", "p99") for m in ("ttft", "tpot", "itl")
