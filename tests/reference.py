@@ -27,6 +27,10 @@ def load_reference(model_dir: str, adapter_dir: str | None = None) -> torch.nn.M
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
+    if cfg["peft_type"] == "IA3":  # PEFT's own forward: the vectors applied as it computes them
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, adapter_dir).eval()
     assert cfg["peft_type"] == "FLORA", cfg
     _merge_flora(model, adapter_dir, cfg)
     return model.eval()

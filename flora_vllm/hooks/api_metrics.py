@@ -36,12 +36,13 @@ logger = logging.getLogger("flora_vllm")
 
 # --- per-adapter metrics ---------------------------------------------------------------------
 
-_types: dict[int, str] = {}  # adapter id -> "flora" | "lora" (read once from its config)
+_types: dict[int, str] = {}  # adapter id -> "flora" | "ia3" | "lora" (read once at its load)
+_KINDS = {PEFT_TYPE: "flora", "IA3": "ia3"}  # peft_type -> adapter_type label; else "lora"
 
 
 def remember_adapter_type(lora_id: int, peft_type: str | None) -> None:
     """The type of a just-loaded id, read when its folder was copied (no read at finish)."""
-    _types[lora_id] = "flora" if peft_type == PEFT_TYPE else "lora"
+    _types[lora_id] = _KINDS.get(peft_type, "lora")
 
 
 def forget_adapter_type(lora_id: int) -> None:
@@ -59,7 +60,7 @@ def _adapter_labels(lora_request: Any) -> tuple[str, str]:
             peft_type = read_peft_type(lora_request.lora_path)
         except (OSError, ValueError):
             peft_type = None
-        kind = _types[lora_request.lora_int_id] = "flora" if peft_type == PEFT_TYPE else "lora"
+        kind = _types[lora_request.lora_int_id] = _KINDS.get(peft_type, "lora")
     return lora_request.lora_name, kind
 
 

@@ -7,7 +7,8 @@ server). Hooks (targets checked in `flora_vllm.hooks`):
 - `WorkerLoRAManager._load_adapter`: reads the API server's copy of the folder
   (`serving.copies`: never the client's folder, which may hang or change); folders holding
   anything but files and folders (a FIFO, a device) are refused before anything is opened;
-  FLoRA folders load as FLoRAModel; LoRA folders are checked from their safetensors header
+  FLoRA folders load as FLoRAModel, PEFT IA3 folders as a rank-1 one (`adapter.ia3`); LoRA
+  folders are checked from their safetensors header
   first (`adapter.lora`: complete modules, exact shapes, a byte limit); unknown peft_type values
   are refused (stock vLLM applies them as additive LoRA); LoRA weights with NaN/inf are refused;
   paths outside FLORA_ADAPTER_ROOTS are refused; load errors carry a 4xx marker.
@@ -41,6 +42,7 @@ from flora_vllm.adapter import (
     load_adapter,
     peft_type_and_problem,
 )
+from flora_vllm.adapter.ia3 import PEFT_TYPE_IA3, load_ia3
 from flora_vllm.adapter.lora import lora_problems
 from flora_vllm.config import get_config
 from flora_vllm.ops.torch_ops import factor_dtype
@@ -120,16 +122,29 @@ def _check_lora_header(worker_manager: Any, label: str, lora_path: str) -> None:
         raise FLoRAAdapterError(label, problems)
 
 
+def _served_dtype(manager: Any, where: dict[str, tuple[str, int, int]]) -> torch.dtype:
+    """The wrapped layers' weight dtype (fp32 when no layer is wrapped)."""
+    if not where:
+        return torch.float32
+    return manager.modules[next(iter(where.values()))[0]].base_layer.weight.dtype
+
+
+def _as_flora_model(lora_id: int, rank: int, weights: dict, where: dict) -> Any:
+    """Per-module factors -> a FLoRAModel whose `flora` holds per-slice (a, b) lists of each
+    wrapped vLLM module (None: that slice is not adapted)."""
+    flora: dict[str, tuple[list, list]] = {}
+    for sub, w in weights.items():
+        name, i, n = where[sub]
+        a_list, b_list = flora.setdefault(name, ([None] * n, [None] * n))
+        a_list[i], b_list[i] = w.a, w.b
+    return _flora_model_cls()(lora_id, rank, flora)
+
+
 def _load_flora(worker_manager: Any, lora_request: Any, lora_path: str) -> Any:
     """Read, check and arrange a FLoRA folder for the wrapped modules of the served model."""
     manager = worker_manager._adapter_manager
     shapes, where = flora_module_index(manager)
-    map_name = _file_names_to_model(manager)
-    dtype = (
-        manager.modules[next(iter(where.values()))[0]].base_layer.weight.dtype
-        if where
-        else torch.float32
-    )
+    dtype = _served_dtype(manager, where)
     max_rank, rank_setting = get_config().rank_limit(worker_manager.lora_config.max_lora_rank)
     cfg, weights = load_adapter(
         lora_path,
@@ -137,15 +152,28 @@ def _load_flora(worker_manager: Any, lora_request: Any, lora_path: str) -> Any:
         max_rank=max_rank,
         rank_setting=rank_setting,
         dtype=factor_dtype(dtype),  # fp32 for a bf16 model: see ops.torch_ops.factor_dtype
-        map_name=map_name,
+        map_name=_file_names_to_model(manager),
         serve_dtype=dtype,
     )
-    flora: dict[str, tuple[list, list]] = {}
-    for sub, w in weights.items():
-        name, i, n = where[sub]
-        a_list, b_list = flora.setdefault(name, ([None] * n, [None] * n))
-        a_list[i], b_list[i] = w.a, w.b
-    return _flora_model_cls()(lora_request.lora_int_id, cfg.r, flora)
+    return _as_flora_model(lora_request.lora_int_id, cfg.r, weights, where)
+
+
+def _load_ia3(worker_manager: Any, lora_request: Any, lora_path: str) -> Any:
+    """A PEFT IA3 folder as a rank-1 FLoRA adapter (`adapter.ia3`)."""
+    manager = worker_manager._adapter_manager
+    shapes, where = flora_module_index(manager)
+    biased = {
+        sub for sub, (name, _, _) in where.items()
+        if getattr(manager.modules[name].base_layer, "bias", None) is not None
+    }
+    weights = load_ia3(
+        lora_path,
+        shapes,
+        biased,
+        dtype=factor_dtype(_served_dtype(manager, where)),
+        map_name=_file_names_to_model(manager),
+    )
+    return _as_flora_model(lora_request.lora_int_id, 1, weights, where)
 
 
 def _wrap_load_adapter(orig: Callable) -> Callable:
@@ -175,12 +203,14 @@ def _wrap_load_adapter(orig: Callable) -> Callable:
                 raise FLoRAAdapterError(label, [problem])
             if peft_type == PEFT_TYPE:
                 return _load_flora(self, lora_request, abs_path)
+            if peft_type == PEFT_TYPE_IA3:
+                return _load_ia3(self, lora_request, abs_path)
             if peft_type not in (None, "LORA"):
                 raise FLoRAAdapterError(
                     label,
                     [
-                        f"unknown peft_type {peft_type!r}: this server serves 'LORA' and "
-                        f"'{PEFT_TYPE}' adapters only"
+                        f"unknown peft_type {peft_type!r}: this server serves 'LORA', "
+                        f"'{PEFT_TYPE_IA3}' and '{PEFT_TYPE}' adapters only"
                     ],
                 )
             _check_lora_header(self, label, abs_path)

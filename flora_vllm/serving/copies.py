@@ -107,15 +107,18 @@ SLOW_READ_ENV = "FLORA_TEST_SLOW_READ_S"
 seconds longer, as on a slow or hung disk."""
 
 
-def _prepare(path: str) -> tuple[str, str | None]:
-    """(copy of the folder, its peft_type): roots checked file by file, then copied. Raises
-    CopyStorageError when the server cannot write its copies (503)."""
-    delay = os.environ.get(SLOW_READ_ENV)
-    if delay and os.path.basename(os.path.normpath(path)).startswith("slow-"):
-        time.sleep(float(delay))
+def _prepare(path: str) -> tuple[str, str | None] | None:
+    """(copy of the folder, its peft_type), or None for a path that is not a local folder:
+    the roots checked file by file, then the files copied. Raises CopyStorageError when the
+    server cannot write its copies (503)."""
     cfg = get_config()
-    check_adapter_path(path, cfg.adapter_roots)
-    limit = cfg.max_adapter_mb * 2**20 + HEADER_SLACK
+    check_adapter_path(path, cfg.adapter_roots)  # with roots, hub ids and URLs are refused
+    local = os.path.expanduser(path)
+    if not os.path.isdir(local):
+        return None
+    delay = os.environ.get(SLOW_READ_ENV)
+    if delay and os.path.basename(os.path.normpath(local)).startswith("slow-"):
+        time.sleep(float(delay))
     try:
         folder = _own_folder()
     except OSError as e:
@@ -123,7 +126,8 @@ def _prepare(path: str) -> tuple[str, str | None]:
             f"the server cannot keep adapter copies in {cfg.snapshot_root()!r} "
             f"(FLORA_SNAPSHOT_DIR): {e.strerror or e}"
         ) from e
-    copy = copy_adapter(os.path.expanduser(path), folder, limit, cfg.adapter_roots)
+    limit = cfg.max_adapter_mb * 2**20 + HEADER_SLACK
+    copy = copy_adapter(local, folder, limit, cfg.adapter_roots)
     peft_type, _ = peft_type_and_problem(copy)  # the worker reports a broken config
     return copy, peft_type
 
@@ -131,10 +135,8 @@ def _prepare(path: str) -> tuple[str, str | None]:
 async def prepare(path: str) -> tuple[str, str | None] | None:
     """Copy adapter folder `path` for the worker, off the event loop, with the timeout: (copy,
     peft_type), or None when `path` is not a local folder (vLLM resolves or refuses it).
-    Raises AdapterPathRefusedError, FLoRAAdapterError, AdapterReadTimeoutError."""
-    local = os.path.expanduser(path)
-    if not await off_loop(os.path.isdir, local, what=f"adapter path {path!r}"):
-        return None
+    Raises AdapterPathRefusedError, FLoRAAdapterError, AdapterReadTimeoutError,
+    CopyStorageError."""
     return await off_loop(_prepare, path, what=f"adapter folder {path!r}")
 
 

@@ -240,6 +240,27 @@ def make_lora_adapter(
     return out_dir
 
 
+def make_ia3_adapter(
+    model_dir: str, out_dir: str, targets: tuple[str, ...], feedforward: tuple[str, ...],
+    seed: int,
+) -> str:
+    """A PEFT IA3 adapter on `targets` (`feedforward` among them scale inputs), saved with PEFT
+    itself: its own init (all ones) times a seeded random perturbation, so it changes answers."""
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = IA3Config(target_modules=list(targets), feedforward_modules=list(feedforward))
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                p.mul_(1 + 0.5 * torch.randn_like(p))
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
 def make_tenant_lora_adapters(
     model_dir: str, root: str, names: list[str], targets: tuple[str, ...], rank: int,
     seed: int = 2000,

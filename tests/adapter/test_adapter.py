@@ -274,3 +274,28 @@ def test_copy_refuses_files_linking_outside_the_roots(tmp_path):
     with pytest.raises(FLoRAAdapterError, match="'w.safetensors' resolves outside"):
         copy_adapter(src, str(tmp_path / "copies"), 2**20, roots=(src,))
     assert copy_adapter(src, str(tmp_path / "copies"), 2**20)  # no roots: anything goes
+
+
+def test_a_folder_nested_past_the_recursion_limit_is_refused_not_crashed(tmp_path):
+    """1,500 nested folders: os.walk (recursive) raised RecursionError, a 500 in the API
+    server; the walk is iterative and stops at MAX_DEPTH levels."""
+    import os
+    import subprocess
+
+    from flora_vllm.adapter.files import folder_problems
+    from flora_vllm.adapter.snapshot import copy_adapter
+
+    src = tmp_path / "deep"
+    path = str(src)
+    os.mkdir(path)
+    try:
+        for _ in range(1500):
+            path = os.path.join(path, "a")
+            os.mkdir(path)
+        assert folder_problems(str(src)) == ["the folder nests folders more than 8 deep"]
+        (tmp_path / "copies").mkdir()
+        with pytest.raises(FLoRAAdapterError, match="more than 8 deep"):
+            copy_adapter(str(src), str(tmp_path / "copies"), 2**20)
+        assert os.listdir(tmp_path / "copies") == []
+    finally:  # pytest's own cleanup of old temp folders recurses: remove it here
+        subprocess.run(["rm", "-rf", str(src)], check=True)
