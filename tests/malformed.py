@@ -359,3 +359,39 @@ def symlink_loop(s: Src) -> str:
     d = flora(s)
     os.symlink(d, os.path.join(d, "loop"))
     return d
+
+
+def ia3(edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        **config: object) -> Builder:
+    """A PEFT-format IA3 folder on every layer's down_proj (feed-forward: one value per input,
+    1.1 each) next to the good LoRA's config, with `edit` applied to its tensors and `config`
+    fields changed."""
+
+    def build(s: Src) -> str:
+        d = lora(s)
+        names = [k for k in load_file(os.path.join(d, LORA_WEIGHTS))
+                 if k.endswith("mlp.down_proj.lora_A.weight")]
+        widths = {k: load_file(os.path.join(d, LORA_WEIGHTS))[k].shape[1] for k in names}
+        vectors = {k.replace(".lora_A.weight", ".ia3_l"): torch.full((1, w), 1.1)
+                   for k, w in widths.items()}
+        save_file((edit or (lambda t: t))(vectors), os.path.join(d, LORA_WEIGHTS))
+        settings = {"peft_type": "IA3", "target_modules": ["down_proj"],
+                    "feedforward_modules": ["down_proj"], **config}
+        return write(d, CONFIG, json.dumps(settings))
+
+    return build
+
+
+def first_vector(change: Callable[[torch.Tensor], torch.Tensor | None]) -> Callable:
+    """An `ia3` edit: replace the first vector by change(it), or drop it when that is None."""
+
+    def edit(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        first = sorted(t)[0]
+        new = change(t[first])
+        if new is None:
+            del t[first]
+        else:
+            t[first] = new
+        return t
+
+    return edit

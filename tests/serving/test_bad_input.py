@@ -48,9 +48,11 @@ from malformed import (
     entry,
     fifo_instead_of,
     file_not_folder,
+    first_vector,
     flora,
     folder_instead_of,
     header,
+    ia3,
     link_in,
     lora,
     lora_claiming,
@@ -132,7 +134,19 @@ ADAPTER_CASES: list[AdapterCase] = [
     AdapterCase("config-empty-object", config_text("{}"), 400, MISSING_FIELDS),
     AdapterCase("no-peft-type", cfg_without("peft_type"), 400, MISSING_FIELDS),
     AdapterCase("null-peft-type", cfg(peft_type=None), 400, MISSING_FIELDS),
-    AdapterCase("unknown-peft-type", cfg(peft_type="IA3"), 400, "unknown peft_type 'IA3'"),
+    AdapterCase("unknown-peft-type", cfg(peft_type="LOHA"), 400, "unknown peft_type 'LOHA'"),
+    AdapterCase("flora-files-called-ia3", cfg(peft_type="IA3"), 400,
+                "missing adapter_model.safetensors"),
+    # -- PEFT IA3 folders (served as rank-1 FLoRA) -----------------------------------------
+    AdapterCase("ia3-wrong-length", ia3(first_vector(lambda v: torch.ones(1, v.shape[1] + 3))),
+                400, "expected"),
+    AdapterCase("ia3-nan", ia3(first_vector(lambda v: v * float("nan"))), 400, "holds NaN"),
+    AdapterCase("ia3-missing-vector", ia3(first_vector(lambda v: None)), 400,
+                "is targeted but its ia3_l vector is missing"),
+    AdapterCase("ia3-on-embeddings", ia3(lambda t: {
+        **t, "base_model.model.model.embed_tokens.ia3_l": torch.ones(1, 8)}), 400,
+        "IA3 on module 'model.embed_tokens' is not served"),
+    AdapterCase("ia3-modules-to-save", ia3(modules_to_save=["lm_head"]), 400, "modules_to_save"),
     AdapterCase("prefix-tuning", cfg(peft_type="PREFIX_TUNING"), 400,
                 "unknown peft_type 'PREFIX_TUNING'"),
     AdapterCase("lowercase-peft-type", cfg(peft_type="flora"), 400, "unknown peft_type 'flora'"),
@@ -635,6 +649,10 @@ ACCEPTED: list[tuple[str, Callable[[Src], str]]] = [
     ("extra-config-keys", cfg(task_type="CAUSAL_LM", notes={"a": [1, 2]})),
     ("int-alpha", cfg(flora_alpha=1)),
 ]
+ACCEPTED_KINDS: list[tuple[str, Callable[[Src], str]]] = [  # other kinds: answers differ
+    ("ia3-down-proj", ia3()),
+    ("ia3-regex-targets", ia3(target_modules=r".*\.down_proj", feedforward_modules=r".*down_proj")),
+]
 
 
 @pytest.mark.parametrize(("case", "build"), ACCEPTED, ids=[c[0] for c in ACCEPTED])
@@ -654,6 +672,31 @@ def test_unusual_but_valid_adapter_is_served(case, build, good, model_sets, tmp_
                                                         abs=0.05)
     finally:
         assert c.post(UNLOAD, json={"lora_name": case}).status_code == 200
+    _still_serving(good)
+
+
+@pytest.mark.parametrize(("case", "build"), ACCEPTED_KINDS, ids=[c[0] for c in ACCEPTED_KINDS])
+def test_other_peft_kinds_are_served_as_peft_computes_them(case, build, good, model_sets,
+                                                           tmp_path):
+    """PEFT-format folders of the other served kinds (IA3, targets as a list or as a regex):
+    loaded (200), answering as PEFT's own layers compute them (1e-3 in log-probability)."""
+    from reference import load_reference, token_logprobs
+
+    c = good["client"]
+    path = build(_src(model_sets, str(tmp_path / case)))
+    r = c.post(LOAD, json={"lora_name": case, "lora_path": path})
+    assert r.status_code == 200, r.text
+    try:
+        r = c.post(COMPLETIONS, json={**good["body"], "model": case})
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+    finally:
+        assert c.post(UNLOAD, json={"lora_name": case}).status_code == 200
+    tokens = [int(t.removeprefix("token_id:")) for t in lp["tokens"]]
+    ref = load_reference(model_sets["llama"]["base"], path)
+    want = token_logprobs(ref, good["body"]["prompt"], tokens)
+    assert lp["token_logprobs"] == pytest.approx(want, abs=1e-3)
+    assert lp["token_logprobs"] != pytest.approx(good["answer"]["token_logprobs"], abs=1e-3)
     _still_serving(good)
 
 

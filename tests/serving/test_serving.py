@@ -42,12 +42,14 @@ def _prefix_cache_hits(server: ServerProcess) -> float:
     return sum(hits)
 
 
-def run_mixed_batch(server: ServerProcess, paths: dict[str, str]) -> dict[str, float]:
+def run_mixed_batch(
+    server: ServerProcess, paths: dict[str, str], adapters: tuple[str, ...] = ADAPTERS
+) -> dict[str, float]:
     """Warm the prefix cache with one request per model, then send base + every adapter x 3
     prompts (18 requests) at once. Returns the max |Δ log-prob| vs the dense oracle per model."""
     client = OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=600)
     prompts = _prompts()
-    models = ["base", *ADAPTERS]
+    models = ["base", *adapters]
     warm = [(m, prompts[0]) for m in models]
     jobs = [(m, p) for m in models for p in prompts]
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -69,7 +71,7 @@ def run_mixed_batch(server: ServerProcess, paths: dict[str, str]) -> dict[str, f
     print(f"max |Δ logprob| vs dense reference: {worst}")
     bad = {m: d for m, d in worst.items() if d > TOL}
     assert not bad, f"answers differ from the dense merged model: {bad}"
-    still_base = [m for m in ADAPTERS if moved[m] < 0.05]
+    still_base = [m for m in adapters if moved[m] < 0.05]
     assert not still_base, f"adapters that did not change the output: {still_base} ({moved})"
     return worst
 
@@ -81,6 +83,34 @@ def test_llama_mixed_batch_every_slot_full(llama_server, model_sets):
     with open(llama_server.log_path) as f:
         log = f.read()
     assert "compilation kept with LoRA" in log and "Warming up model for the compilation" in log
+
+
+def test_peft_ia3_in_a_mixed_batch_with_flora_lora_and_base(llama_server, model_sets, tmp_path):
+    """A PEFT IA3 adapter (made by PEFT: its own init times a seeded perturbation), loaded at
+    runtime as it is, in one concurrent batch with FLoRA, LoRA and base requests on the server
+    whose slots are all taken: every answer equals the oracle's (for IA3: PEFT's own unmerged
+    IA3 layers), IA3 answers differ from base; `/v1/models` lists it, and its requests count
+    under adapter_type="ia3"."""
+    import httpx
+
+    from flora_vllm.testing.tiny import make_ia3_adapter
+
+    paths = dict(model_sets["llama"])
+    paths["ia3"] = make_ia3_adapter(
+        paths["base"], str(tmp_path / "ia3"), ("k_proj", "v_proj", "down_proj"), ("down_proj",),
+        seed=21,
+    )
+    http = httpx.Client(base_url=llama_server.url, timeout=300)
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "ia3", "lora_path": paths["ia3"]})
+    assert r.status_code == 200, r.text
+    try:
+        run_mixed_batch(llama_server, paths, ("flora-r2", "lora-r8", "ia3", "flora-r1"))
+        cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+        assert cards["ia3"]["root"] == paths["ia3"]  # the client's folder, not the server's copy
+        metrics = http.get("/metrics").text
+        assert 'adapter="ia3",adapter_type="ia3"' in metrics
+    finally:
+        http.post("/v1/unload_lora_adapter", json={"lora_name": "ia3"})
 
 
 def test_llama_mixed_batch_eager(model_sets, tmp_path):
