@@ -124,10 +124,18 @@ class FloraLLMServer(LLMServer):
         for old in evicted:
             await self._unregister(old)
         await settle_releases()  # idle evicted adapters have left the engine
-        try:
-            await self.engine.resolve_lora(disk)
-        except ValueError as e:  # vLLM's (and the plugin's) own message, with every problem
-            raise OpenAIHTTPException(400, str(e), "BadRequestError") from e
+        # What Ray's `resolve_lora` does, keeping the answer's status (Ray makes every refusal
+        # a ValueError: a slow disk's 503 or a 403 would reach the client as a 400).
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+        models, _ = _engine_internals(self.engine)
+        if disk.model_id not in models.lora_requests:
+            load = LoadLoRAAdapterRequest(lora_name=disk.model_id, lora_path=disk.local_path)
+            result = await models.load_lora_adapter(load)
+            if isinstance(result, ErrorResponse):  # the message lists every problem
+                error = result.error
+                raise OpenAIHTTPException(error.code, error.message, error.type)
         with self._mutex:
             self._resident.add(disk.model_id)
             self._stats["adapter_loads"] += 1
