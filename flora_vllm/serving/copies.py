@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from flora_vllm.adapter import peft_type_and_problem
@@ -26,7 +26,7 @@ from flora_vllm.serving.access import check_adapter_path
 
 logger = logging.getLogger("flora_vllm")
 
-READERS = 4  # threads reading adapter folders; a hung disk can hold at most these
+READERS = 4  # adapter reads at a time; a hung disk can hold at most these (calls queue)
 HEADER_SLACK = 16 * 2**20  # bytes of config and safetensors headers on top of the tensor limit
 T = TypeVar("T")
 
@@ -39,7 +39,7 @@ class CopyStorageError(RuntimeError):
     """The server cannot write its adapter copies (its own state, not the adapter's: 503)."""
 
 
-_pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="flora-adapter-read")
+_slots = threading.Semaphore(READERS)
 _folder: str | None = None
 _lock = threading.Lock()
 
@@ -76,12 +76,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _run(call: Future, fn: Callable[..., Any], args: tuple) -> None:
+    """Body of a reader thread: wait for one of READERS slots, then run `fn` unless the caller
+    gave up meanwhile (a cancelled call never touches the disk)."""
+    with _slots:
+        if not call.set_running_or_notify_cancel():
+            return
+        try:
+            call.set_result(fn(*args))
+        except BaseException as e:
+            call.set_exception(e)
+
+
+def _start(fn: Callable[..., Any], *args: Any) -> Future:
+    """`fn(*args)` in a daemon thread: a read stuck on a hung disk never holds up the
+    process's exit (a thread pool's workers are joined at exit)."""
+    call: Future = Future()
+    threading.Thread(
+        target=_run, args=(call, fn, args), name="flora-adapter-read", daemon=True
+    ).start()
+    return call
+
+
 async def off_loop(fn: Callable[..., T], *args: Any, what: str) -> T:
-    """`fn(*args)` in the reader pool, waited for at most FLORA_ADAPTER_READ_TIMEOUT_S; on a
+    """`fn(*args)` in a reader thread, waited for at most FLORA_ADAPTER_READ_TIMEOUT_S; on a
     timeout the caller gets AdapterReadTimeoutError naming `what`, and the call, left to
-    finish in its thread (or never started, if still queued), has its copy removed then."""
+    finish in its thread (or never started, if still waiting for a slot), has its copy removed
+    then."""
     timeout = get_config().read_timeout_s
-    call = _pool.submit(fn, *args)
+    call = _start(fn, *args)
     try:
         return await asyncio.wait_for(asyncio.wrap_future(call), timeout)
     except TimeoutError:
@@ -147,9 +170,6 @@ def is_copy(path: str) -> bool:
 
 
 def discard(copy: str) -> None:
-    """Remove a copy (in the reader pool: never on the event loop)."""
+    """Remove a copy (in a reader thread: never on the event loop)."""
     if is_copy(copy):
-        try:
-            _pool.submit(shutil.rmtree, copy, True)
-        except RuntimeError:  # the pool is shut down: the process is exiting
-            shutil.rmtree(copy, ignore_errors=True)
+        _start(shutil.rmtree, copy, True)

@@ -97,3 +97,29 @@ def test_copies_of_dead_servers_are_swept_and_storage_errors_are_named(config, t
         asyncio.run(copies.prepare(str(tmp_path / "src")))
 
 
+
+
+def test_reads_queue_for_a_slot_and_a_given_up_read_never_runs(config):
+    """READERS reads hang (a hung disk): the next read waits for a slot and times out; once the
+    disk answers, that read is skipped (its caller gave up), and the threads were daemons (a
+    hung read never holds up the process's exit)."""
+    disk, ran = threading.Event(), []
+
+    def hung(i: int) -> None:
+        disk.wait(30)
+
+    async def scenario() -> None:
+        stuck = [copies._start(hung, i) for i in range(copies.READERS)]
+        with pytest.raises(copies.AdapterReadTimeoutError):
+            await copies.off_loop(ran.append, "queued", what="x")
+        assert all(not c.done() for c in stuck)
+        assert all(t.daemon for t in threading.enumerate() if t.name == "flora-adapter-read")
+        disk.set()
+        for c in stuck:
+            await asyncio.wrap_future(c)
+
+    asyncio.run(scenario())
+    for t in threading.enumerate():  # the queued read's thread too: it ran or skipped by now
+        if t.name == "flora-adapter-read":
+            t.join(10)
+    assert ran == []
