@@ -1,0 +1,152 @@
+"""PEFT DoRA folders (`adapter.dora`): the output scalings s and the plain-LoRA part, checked
+against PEFT's own DoRA layers on a tiny model; and every problem of a broken DoRA folder named
+at once."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flora_vllm.adapter import DORA_KIND, FLoRAAdapterError, read_peft_type
+from flora_vllm.adapter.dora import read_dora, write_plain_lora
+from flora_vllm.testing.tiny import LLAMA_TARGETS, build_llama, make_dora_adapter
+
+TARGETS = ("q_proj", "v_proj", "down_proj", "gate_proj")
+WEIGHTS = "adapter_model.safetensors"
+VARIANTS = {  # LoraConfig fields that change the scaling PEFT (and vLLM) use per module
+    "plain": {},
+    "rslora-patterns": {"use_rslora": True, "rank_pattern": {"v_proj": 2},
+                        "alpha_pattern": {"down_proj": 3.0}},
+}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> tuple[str, dict[str, str]]:
+    root = tmp_path_factory.mktemp("dora")
+    base = build_llama(str(root / "model"))
+    return base, {
+        name: make_dora_adapter(base, str(root / name), 4, TARGETS, seed=9 + i, **cfg)
+        for i, (name, cfg) in enumerate(VARIANTS.items())
+    }
+
+
+def _base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {p: m.weight for p, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and p.rsplit(".", 1)[-1] in LLAMA_TARGETS}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_served_form_equals_peft_dora_layers(llama, variant, tmp_path):
+    """Every module, as the server computes it: s ∘ (W0 x) + (s ∘ B) A x · scaling, with s from
+    `read_dora` and the scaling from vLLM's own PEFTHelper reading the plain-LoRA config (as
+    vLLM's loader does), equals PEFT's DoRA layer output (rank_pattern, alpha_pattern and
+    use_rslora included); the DoRA part moves outputs; the plain folder has no magnitudes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from vllm.lora.peft_helper import PEFTHelper
+
+    base, folders = llama
+    folder = folders[variant]
+    assert read_peft_type(folder) == DORA_KIND
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    dora = read_dora(folder, _base_weights(model))
+    assert {p.rsplit(".", 1)[-1] for p in dora.scales} == set(TARGETS)
+    plain = write_plain_lora(dora, str(tmp_path))
+    assert read_peft_type(plain) == "LORA"
+    assert not any("magnitude" in k for k in load_file(os.path.join(plain, WEIGHTS)))
+    helper = PEFTHelper.from_local_dir(plain, None)
+    helper.validate_legal(type("Cfg", (), {"max_lora_rank": 8})())  # vLLM takes it: no DoRA
+    peft = PeftModel.from_pretrained(model, folder).eval()
+    modules = dict(peft.base_model.model.named_modules())
+    gen = torch.Generator().manual_seed(0)
+    moved = 0.0
+    for path, s in dora.scales.items():
+        layer = modules[path]
+        x = torch.randn(5, layer.in_features, generator=gen)
+        key = f"base_model.model.{path}.lora_{{}}.weight"
+        a, b = dora.lora_tensors[key.format("A")], dora.lora_tensors[key.format("B")]
+        _, scaling = helper.get_rank_and_scaling(path)
+        with torch.no_grad():
+            want = layer(x)
+            w0 = layer.get_base_layer().weight
+            got = (x @ w0.T) * s + (x @ a.T) @ (b * s[:, None] * scaling).T
+            moved = max(moved, float((want - x @ w0.T).abs().max()))
+        torch.testing.assert_close(
+            got, want, rtol=1e-5, atol=1e-5, msg=lambda m, p=path: f"{p}: {m}"
+        )
+    assert moved > 1e-2  # the perturbed B and magnitudes change outputs
+
+
+def _broken(folder: str, tmp_path, edit=lambda t: t, **config: object) -> str:
+    out = tmp_path / "broken"
+    out.mkdir()
+    cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
+    json.dump({**cfg, **config}, open(out / "adapter_config.json", "w"))
+    save_file(edit(dict(load_file(os.path.join(folder, WEIGHTS)))), str(out / WEIGHTS))
+    return str(out)
+
+
+def test_every_problem_of_the_weights_is_named(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, folders = llama
+    model = AutoModelForCausalLM.from_pretrained(base)
+    weights = _base_weights(model)
+    key = "base_model.model.model.layers.{}.{}.lora_magnitude_vector"
+    hidden = model.config.hidden_size
+
+    def edit(t: dict) -> dict:
+        t[key.format(0, "mlp.down_proj")] = torch.ones(7)  # wrong length
+        t[key.format(0, "self_attn.q_proj")][3] = float("nan")
+        del t[key.format(1, "mlp.gate_proj")]
+        t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.ones(4, 8)
+        t["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.ones(hidden, 4)
+        t["base_model.model.lm_head.lora_A.weight"] = torch.ones(4, hidden)
+        t["base_model.model.lm_head.lora_B.weight"] = torch.ones(8, 4)
+        t["base_model.model.lm_head.lora_magnitude_vector"] = torch.ones(8)
+        return t
+
+    with pytest.raises(FLoRAAdapterError) as e:
+        read_dora(_broken(folders["plain"], tmp_path, edit), weights)
+    text = str(e.value)
+    assert "layers.0.mlp.down_proj.lora_magnitude_vector has shape [7], expected 256" in text
+    assert "layers.0.self_attn.q_proj.lora_magnitude_vector holds NaN" in text
+    assert "'model.layers.1.mlp.gate_proj' has LoRA weights but its lora_magnitude_vector" in text
+    assert "DoRA on embeddings ('model.embed_tokens') is not served" in text
+    assert "DoRA on module 'lm_head' is not served" in text
+    assert "5 problem(s)" in text
+
+
+def test_a_zero_row_norm_is_refused(llama, tmp_path):
+    """W0 + scaling·BA with a zero row: s would be inf (PEFT divides by zero too)."""
+    from transformers import AutoModelForCausalLM
+
+    base, folders = llama
+    model = AutoModelForCausalLM.from_pretrained(base)
+    weights = _base_weights(model)
+    path = "model.layers.0.self_attn.v_proj"
+    weights[path] = weights[path].clone()
+    weights[path][2] = 0
+
+    def zero_b(t: dict) -> dict:
+        t[f"base_model.model.{path}.lora_B.weight"][2] = 0
+        return t
+
+    with pytest.raises(FLoRAAdapterError, match=f"{path}: m / .* is not finite"):
+        read_dora(_broken(folders["plain"], tmp_path, zero_b), weights)
+
+
+def test_config_options_not_served_are_named(llama, tmp_path):
+    _, folders = llama
+    broken = _broken(folders["plain"], tmp_path, fan_in_fan_out=True, lora_bias=True,
+                     trainable_token_indices=[1, 2], velora_config={"rank": 2})
+    with pytest.raises(FLoRAAdapterError) as e:
+        read_dora(broken, {})
+    text = str(e.value)
+    for feature in ("fan_in_fan_out", "lora_bias", "trainable_token_indices", "velora_config"):
+        assert feature in text
+    assert "4 problem(s)" in text
