@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -150,3 +151,111 @@ def test_config_options_not_served_are_named(llama, tmp_path):
     for feature in ("fan_in_fan_out", "lora_bias", "trainable_token_indices", "velora_config"):
         assert feature in text
     assert "4 problem(s)" in text
+
+
+# --- the worker's arrangement (`hooks.worker_adapters._load_dora`) ---------------------------
+
+
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+          "o_proj": ("o_proj",), "down_proj": ("down_proj",)}
+
+
+def _worker(model: torch.nn.Module, tp_size: int = 1) -> SimpleNamespace:
+    """A worker LoRA manager as `_load_dora` reads it: each vLLM module (packed like vLLM's
+    LLaMA) a FLoRA layer with its base weight, slices and TP size; no vLLM engine."""
+    from flora_vllm.layers import FLoRALinearMixin
+
+    class Layer(FLoRALinearMixin):
+        def __init__(self, parts: list[torch.nn.Linear]) -> None:
+            self.output_slices = tuple(p.out_features for p in parts)
+            self.base_layer = SimpleNamespace(weight=torch.cat([p.weight for p in parts]))
+            self.tp_size = tp_size
+            self.shapes = [(p.out_features, p.in_features) for p in parts]
+
+        def flora_full_shapes(self) -> list[tuple[int, int]]:
+            return self.shapes
+
+    hf = dict(model.named_modules())
+    modules, packed = {}, {}
+    for i in range(model.config.num_hidden_layers):
+        for prefix, group in ((f"model.layers.{i}.self_attn", ("qkv_proj", "o_proj")),
+                              (f"model.layers.{i}.mlp", ("gate_up_proj", "down_proj"))):
+            for name in group:
+                subs = [f"{prefix}.{s}" for s in PACKED[name]]
+                modules[f"{prefix}.{name}"] = Layer([hf[s] for s in subs])
+                if len(subs) > 1:
+                    packed[f"{prefix}.{name}"] = subs
+    manager = SimpleNamespace(modules=modules, packed_modules=packed, model=SimpleNamespace())
+    return SimpleNamespace(_adapter_manager=manager)
+
+
+def _vllm_loader(seen: list[str]):
+    """What vLLM's `WorkerLoRAManager._load_adapter` does with a folder (PEFTHelper, then
+    `LoRAModel.from_local_checkpoint`); records the folder it was given."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    def orig(worker, request):
+        seen.append(request.lora_path)
+        helper = PEFTHelper.from_local_dir(request.lora_path, None)
+        helper.validate_legal(SimpleNamespace(max_lora_rank=8))
+        expected = {s for subs in PACKED.values() for s in subs}
+        return LoRAModel.from_local_checkpoint(
+            request.lora_path, expected, helper, lora_model_id=request.lora_int_id,
+            device="cpu", dtype=torch.float32,
+        )
+
+    return orig
+
+
+def test_worker_scales_lora_rows_and_arranges_output_factors_per_slice(llama):
+    """`_load_dora` on vLLM's own loader: it reads a plain-LoRA copy (deleted afterwards), each
+    module's lora_b rows come back scaled by s (vLLM folds `scaling` later, when packing), and
+    `flora` holds a = 1, b = s at the module's slice of its packed vLLM layer (None where not
+    adapted); together they equal PEFT's DoRA layer (use_rslora, rank/alpha patterns)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from vllm.lora.request import LoRARequest
+
+    from flora_vllm.hooks.worker_adapters import _load_dora
+
+    base, folders = llama
+    folder = folders["rslora-patterns"]
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    worker, seen = _worker(model), []
+    lora = _load_dora(worker, LoRARequest("d", 3, folder), folder, _vllm_loader(seen))
+    assert seen and seen[0] != folder and not os.path.exists(seen[0])  # the copy is gone
+    adapted = ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    layers = range(model.config.num_hidden_layers)
+    assert set(lora.flora) == {f"model.layers.{i}.{m}" for i in layers for m in adapted}
+    a_qkv, b_qkv = lora.flora["model.layers.0.self_attn.qkv_proj"]
+    assert a_qkv[1] is None and b_qkv[1] is None  # k_proj: not a target
+    peft = PeftModel.from_pretrained(model, folder).eval()
+    modules = dict(peft.base_model.model.named_modules())
+    gen = torch.Generator().manual_seed(1)
+    for name, (a_list, b_list) in lora.flora.items():
+        subs = worker._adapter_manager.packed_modules.get(name, [name])
+        for sub, a, b in zip(subs, a_list, b_list, strict=True):
+            if a is None:
+                continue
+            layer, weights = modules[sub], lora.loras[sub]
+            assert bool((a == 1).all()) and a.shape == (1, layer.in_features)
+            x = torch.randn(4, layer.in_features, generator=gen)
+            with torch.no_grad():
+                w0 = layer.get_base_layer().weight
+                got = (x @ w0.T) * b[:, 0] + (x @ weights.lora_a.T) @ (
+                    weights.lora_b * weights.scaling).T
+                torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_worker_refuses_dora_under_tensor_parallelism(llama):
+    """A TP worker holds shards of W0: the norms need whole rows, so DoRA is a 400 naming it."""
+    from transformers import AutoModelForCausalLM
+    from vllm.lora.request import LoRARequest
+
+    from flora_vllm.hooks.worker_adapters import _load_dora
+
+    base, folders = llama
+    worker = _worker(AutoModelForCausalLM.from_pretrained(base), tp_size=2)
+    with pytest.raises(FLoRAAdapterError, match="not served with tensor parallelism"):
+        _load_dora(worker, LoRARequest("d", 3, folders["plain"]), folders["plain"], None)
