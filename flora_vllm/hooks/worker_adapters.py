@@ -211,7 +211,11 @@ def _load_dora(worker_manager: Any, lora_request: Any, lora_path: str, orig: Cal
     dora = read_dora(lora_path, _base_weights(manager, where), _file_names_to_model(manager))
     with tempfile.TemporaryDirectory(prefix="flora-dora-") as plain:
         write_plain_lora(dora, plain)
-        lora = orig(worker_manager, msgspec.structs.replace(lora_request, lora_path=plain))
+        try:
+            lora = orig(worker_manager, msgspec.structs.replace(lora_request, lora_path=plain))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:  # vLLM's checks: a 400
+            reason = str(e).replace(plain, lora_path)  # name the folder, not the copy
+            raise FLoRAAdapterError(label, [f"{type(e).__name__}: {reason}"]) from e
     _check_lora_finite(label, lora)
     dtype = factor_dtype(_served_dtype(manager, where))
     flora: dict[str, tuple[list, list]] = {}

@@ -189,9 +189,10 @@ def _worker(model: torch.nn.Module, tp_size: int = 1) -> SimpleNamespace:
     return SimpleNamespace(_adapter_manager=manager)
 
 
-def _vllm_loader(seen: list[str]):
+def _vllm_loader(seen: list[str], skip: str = ""):
     """What vLLM's `WorkerLoRAManager._load_adapter` does with a folder (PEFTHelper, then
-    `LoRAModel.from_local_checkpoint`); records the folder it was given."""
+    `LoRAModel.from_local_checkpoint`), for a model without module `skip`; records the folder
+    it was given."""
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
 
@@ -199,7 +200,7 @@ def _vllm_loader(seen: list[str]):
         seen.append(request.lora_path)
         helper = PEFTHelper.from_local_dir(request.lora_path, None)
         helper.validate_legal(SimpleNamespace(max_lora_rank=8))
-        expected = {s for subs in PACKED.values() for s in subs}
+        expected = {s for subs in PACKED.values() for s in subs} - {skip}
         return LoRAModel.from_local_checkpoint(
             request.lora_path, expected, helper, lora_model_id=request.lora_int_id,
             device="cpu", dtype=torch.float32,
@@ -259,3 +260,23 @@ def test_worker_refuses_dora_under_tensor_parallelism(llama):
     worker = _worker(AutoModelForCausalLM.from_pretrained(base), tp_size=2)
     with pytest.raises(FLoRAAdapterError, match="not served with tensor parallelism"):
         _load_dora(worker, LoRARequest("d", 3, folders["plain"]), folders["plain"], None)
+
+
+def test_vllm_refusals_of_the_lora_part_name_the_folder_not_the_copy(llama, tmp_path):
+    """vLLM's own checks still apply to the LoRA part (its rank limit, its modules); the 400
+    names the adapter's folder, never the temporary plain-LoRA copy."""
+    from transformers import AutoModelForCausalLM
+    from vllm.lora.request import LoRARequest
+
+    from flora_vllm.hooks.worker_adapters import _load_dora
+
+    base, folders = llama
+    worker, seen = _worker(AutoModelForCausalLM.from_pretrained(base)), []
+    folder = _broken(folders["plain"], tmp_path, r=16)
+    with pytest.raises(FLoRAAdapterError, match="greater than max_lora_rank 8") as e:
+        _load_dora(worker, LoRARequest("d", 3, folder), folder, _vllm_loader(seen))
+    assert seen and seen[0] not in str(e.value) and not os.path.exists(seen[0])
+    folder = folders["plain"]
+    with pytest.raises(FLoRAAdapterError, match="expected target modules") as e:
+        _load_dora(worker, LoRARequest("d", 3, folder), folder, _vllm_loader(seen, "down_proj"))
+    assert f"While loading {folder}," in str(e.value) and seen[1] not in str(e.value)
