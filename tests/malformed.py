@@ -395,3 +395,37 @@ def first_vector(change: Callable[[torch.Tensor], torch.Tensor | None]) -> Calla
         return t
 
     return edit
+
+
+def dora(edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+         **config: object) -> Builder:
+    """A PEFT-format DoRA folder: the good LoRA with `use_dora` set and a magnitude per module
+    (0.5 per output: a valid one that changes answers), with `edit` applied to its tensors and
+    `config` fields changed."""
+
+    def build(s: Src) -> str:
+        d = lora(s)
+        t = load_file(os.path.join(d, LORA_WEIGHTS))
+        for k in [k for k in t if k.endswith(".lora_B.weight")]:
+            t[k.replace(".lora_B.weight", ".lora_magnitude_vector")] = torch.full(
+                (t[k].shape[0],), 0.5
+            )
+        save_file((edit or (lambda x: x))(t), os.path.join(d, LORA_WEIGHTS))
+        return edit_config(d, use_dora=True, **config)
+
+    return build
+
+
+def first_magnitude(change: Callable[[torch.Tensor], torch.Tensor | None]) -> Callable:
+    """A `dora` edit: replace the first magnitude by change(it), or drop it when that is None."""
+
+    def edit(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        k = first(t, ".lora_magnitude_vector")
+        new = change(t[k])
+        if new is None:
+            del t[k]
+        else:
+            t[k] = new
+        return t
+
+    return edit

@@ -1,7 +1,8 @@
 """The independent oracle: transformers running the dense model with an adapter merged in.
 
 FLoRA is merged straight from the files as W0 ∘ ((flora_alpha / r) · B @ A), without any of
-flora_vllm's loading code; LoRA is merged by PEFT's own `merge_and_unload`.
+flora_vllm's loading code; LoRA is merged by PEFT's own `merge_and_unload`; IA3 and DoRA run
+in PEFT's own unmerged layers (DoRA's norm computed as PEFT computes it).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ def load_reference(model_dir: str, adapter_dir: str | None = None) -> torch.nn.M
         return model.eval()
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         cfg = json.load(f)
-    if cfg["peft_type"] == "LORA":
+    if cfg["peft_type"] == "LORA" and not cfg.get("use_dora"):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
-    if cfg["peft_type"] == "IA3":  # PEFT's own forward: the vectors applied as it computes them
+    if cfg["peft_type"] in ("IA3", "LORA"):  # IA3, DoRA: PEFT's own forward, unmerged
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, adapter_dir).eval()

@@ -13,6 +13,7 @@ Runs in: the worker (loading), the trainer and converter (writing), tests (any p
 
 from flora_vllm.adapter.config import (
     CONFIG_NAME,
+    DORA_KIND,
     PEFT_TYPE,
     WEIGHTS_NAME,
     AdapterResourcesError,
@@ -29,6 +30,7 @@ from flora_vllm.adapter.save import save_adapter
 
 __all__ = [
     "CONFIG_NAME",
+    "DORA_KIND",
     "PEFT_TYPE",
     "WEIGHTS_NAME",
     "AdapterResourcesError",

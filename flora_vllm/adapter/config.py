@@ -122,21 +122,31 @@ def _read_config(adapter_dir: str) -> object:
         return json.load(f)
 
 
+DORA_KIND = "LORA+use_dora"
+"""What `peft_type_and_problem` names a PEFT LoRA folder with `use_dora` set: PEFT keeps DoRA
+under peft_type LORA, vLLM's loader refuses it, this server loads it its own way
+(`adapter.dora`, which also checks that the peft_type really is LORA)."""
+
+
 def read_peft_type(adapter_dir: str) -> str | None:
-    """peft_type named by a folder's adapter_config.json (None if absent or unreadable)."""
+    """peft_type named by a folder's adapter_config.json (None if absent or unreadable;
+    DORA_KIND for a DoRA LoRA)."""
     return peft_type_and_problem(adapter_dir)[0]
 
 
 def peft_type_and_problem(adapter_dir: str) -> tuple[str | None, str | None]:
-    """(peft_type named by adapter_config.json, why the file is no config at all), read once.
-    The problem is a JSON list or number, which would reach PEFT's parser as a raw TypeError;
-    an absent or unreadable file gives (None, None): the loaders report those themselves."""
+    """(peft_type named by adapter_config.json, why the file is no config at all), read once;
+    a LoRA with `use_dora` set is DORA_KIND. The problem is a JSON list or number, which would
+    reach PEFT's parser as a raw TypeError; an absent or unreadable file gives (None, None): the
+    loaders report those themselves."""
     try:
         raw = _read_config(adapter_dir)
     except (OSError, ValueError, RecursionError):
         return None, None
     if not isinstance(raw, dict):
         return None, f"{CONFIG_NAME} must hold a JSON object, got a JSON {type(raw).__name__}"
+    if raw.get("peft_type") == "LORA" and raw.get("use_dora"):
+        return DORA_KIND, None
     return raw.get("peft_type"), None
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flora_vllm.adapter import (
+    DORA_KIND,
     PEFT_TYPE,
     read_peft_type,
 )
@@ -36,8 +37,8 @@ logger = logging.getLogger("flora_vllm")
 
 # --- per-adapter metrics ---------------------------------------------------------------------
 
-_types: dict[int, str] = {}  # adapter id -> "flora" | "ia3" | "lora" (read once at its load)
-_KINDS = {PEFT_TYPE: "flora", "IA3": "ia3"}  # peft_type -> adapter_type label; else "lora"
+_types: dict[int, str] = {}  # adapter id -> "flora" | "ia3" | "dora" | "lora" (read at load)
+_KINDS = {PEFT_TYPE: "flora", "IA3": "ia3", DORA_KIND: "dora"}  # -> adapter_type; else "lora"
 
 
 def remember_adapter_type(lora_id: int, peft_type: str | None) -> None:

@@ -7,7 +7,9 @@ server). Hooks (targets checked in `flora_vllm.hooks`):
 - `WorkerLoRAManager._load_adapter`: reads the API server's copy of the folder
   (`serving.copies`: never the client's folder, which may hang or change); folders holding
   anything but files and folders (a FIFO, a device) are refused before anything is opened;
-  FLoRA folders load as FLoRAModel, PEFT IA3 folders as a rank-1 one (`adapter.ia3`); LoRA
+  FLoRA folders load as FLoRAModel, PEFT IA3 folders as a rank-1 one (`adapter.ia3`), PEFT
+  DoRA folders as vLLM's LoRAModel (read by vLLM's loader from a plain-LoRA copy, B rows scaled)
+  carrying rank-1 output factors in `flora` (`adapter.dora`); LoRA
   folders are checked from their safetensors header
   first (`adapter.lora`: complete modules, exact shapes, a byte limit); unknown peft_type values
   are refused (stock vLLM applies them as additive LoRA); LoRA weights with NaN/inf are refused;
@@ -15,7 +17,8 @@ server). Hooks (targets checked in `flora_vllm.hooks`):
 - `LoRAModelManager._add_adapter`: a FLoRA model skips LoRA's packing step (nothing to pack).
 - `LRUCacheWorkerLoRAManager.add_adapter`: a step's adapter already held is touched and
   activated in O(1) (stock vLLM copies every registered id per adapter per step).
-- `LoRAModelManager.activate_adapter`: filling a slot also sets or clears its FLoRA factors; LoRA
+- `LoRAModelManager.activate_adapter`: filling a slot also sets or clears its FLoRA factors (a
+  LoRAModel with `flora`, DoRA, keeps its LoRA part applied in the slot too); LoRA
   weights that do not fit the layers free the slot and are a 400, not an engine error.
 - `WorkerWrapperBase.flora_lora_residency` (added): the collective RPC behind the residency
   gauge; reads the LoRA manager's `_adapter_manager`, `lora_index_to_id`, `_registered_adapters`.
@@ -28,12 +31,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from flora_vllm.adapter import (
+    DORA_KIND,
     PEFT_TYPE,
     AdapterResourcesError,
     FLoRAAdapterError,
@@ -42,6 +47,7 @@ from flora_vllm.adapter import (
     load_adapter,
     peft_type_and_problem,
 )
+from flora_vllm.adapter.dora import read_dora, write_plain_lora
 from flora_vllm.adapter.ia3 import PEFT_TYPE_IA3, load_ia3
 from flora_vllm.adapter.lora import lora_problems
 from flora_vllm.config import get_config
@@ -176,6 +182,57 @@ def _load_ia3(worker_manager: Any, lora_request: Any, lora_path: str) -> Any:
     return _as_flora_model(lora_request.lora_int_id, 1, weights, where)
 
 
+def _base_weights(manager: Any, where: dict[str, tuple[str, int, int]]) -> dict[str, torch.Tensor]:
+    """Sub-module name -> its rows of the wrapped layer's base weight (views, no copy)."""
+    weights = {}
+    for sub, (name, i, _) in where.items():
+        module = manager.modules[name]
+        start = sum(module.output_slices[:i])
+        weights[sub] = module.base_layer.weight[start : start + module.output_slices[i]]
+    return weights
+
+
+def _load_dora(worker_manager: Any, lora_request: Any, lora_path: str, orig: Callable) -> Any:
+    """A PEFT DoRA folder (`adapter.dora`): vLLM's own loader reads its LoRA part from a plain
+    LoRA copy (vLLM refuses DoRA), each module's B rows are scaled by s, and s rides along as
+    rank-1 FLoRA output factors (`flora`: a = 1, b = s) that the slot applies with the LoRA."""
+    import msgspec
+
+    label = f"'{lora_request.lora_name}' ({lora_request.lora_path})"
+    manager = worker_manager._adapter_manager
+    shapes, where = flora_module_index(manager)
+    tp = max((getattr(manager.modules[n], "tp_size", 1) for n, _, _ in where.values()), default=1)
+    if tp > 1:  # the norms need whole rows of W0; a worker holds a shard
+        raise FLoRAAdapterError(label, [
+            f"DoRA is not served with tensor parallelism yet (tensor_parallel_size {tp}): "
+            "serve it on one worker, or merge it"
+        ])
+    _check_lora_header(worker_manager, label, lora_path)
+    dora = read_dora(lora_path, _base_weights(manager, where), _file_names_to_model(manager))
+    with tempfile.TemporaryDirectory(prefix="flora-dora-") as plain:
+        write_plain_lora(dora, plain)
+        try:
+            lora = orig(worker_manager, msgspec.structs.replace(lora_request, lora_path=plain))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:  # vLLM's checks: a 400
+            reason = str(e).replace(plain, lora_path)  # name the folder, not the copy
+            raise FLoRAAdapterError(label, [f"{type(e).__name__}: {reason}"]) from e
+    _check_lora_finite(label, lora)
+    dtype = factor_dtype(_served_dtype(manager, where))
+    flora: dict[str, tuple[list, list]] = {}
+    for sub, s in dora.scales.items():
+        weights = lora.loras.get(sub)
+        if weights is None:  # vLLM dropped the module: its s would scale the base alone
+            raise FLoRAAdapterError(label, [f"vLLM's loader kept no LoRA weights for {sub!r}"])
+        b = weights.lora_b  # [out, r], scaling not folded yet (vLLM folds it when packing)
+        b.copy_(b.float() * s[:, None])
+        name, i, n = where[sub]
+        a_list, b_list = flora.setdefault(name, ([None] * n, [None] * n))
+        a_list[i] = torch.ones(1, shapes[sub][1], dtype=dtype)
+        b_list[i] = s.to(dtype).reshape(-1, 1)
+    lora.flora = flora  # a LoRAModel still: vLLM packs its LoRA part as usual
+    return lora
+
+
 def _wrap_load_adapter(orig: Callable) -> Callable:
     from safetensors import SafetensorError
     from vllm.exceptions import LoRAAdapterNotFoundError
@@ -205,6 +262,8 @@ def _wrap_load_adapter(orig: Callable) -> Callable:
                 return _load_flora(self, lora_request, abs_path)
             if peft_type == PEFT_TYPE_IA3:
                 return _load_ia3(self, lora_request, abs_path)
+            if peft_type == DORA_KIND:
+                return _load_dora(self, lora_request, abs_path, orig)
             if peft_type not in (None, "LORA"):
                 raise FLoRAAdapterError(
                     label,
@@ -306,12 +365,14 @@ def _wrap_activate_adapter(orig: Callable) -> Callable:
             ) from e
         if activated:
             index = self.lora_index_to_id.index(lora_id)
-            flora = getattr(self._registered_adapters[lora_id], "flora", {})
+            model = self._registered_adapters[lora_id]
+            flora = getattr(model, "flora", {})
+            keep_lora = not isinstance(model, FLoRAModelMixin)  # DoRA: its LoRA part applies too
             for name, module in self.modules.items():
                 if not isinstance(module, FLoRALinearMixin):
                     continue
                 if name in flora:
-                    module.set_flora(index, *flora[name])
+                    module.set_flora(index, *flora[name], keep_lora=keep_lora)
                 else:
                     module.reset_flora(index)
         return activated

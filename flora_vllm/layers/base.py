@@ -1,11 +1,12 @@
 """The shared FLoRA verbs of every `<Base>WithFLoRA` layer: slots, `set_flora` / `reset_flora`,
 and the mixed-batch `apply` (worker process, once per layer call).
 
-A slot holds either a LoRA adapter (vLLM's stacked A/B, applied by punica on top of the output)
-or a FLoRA adapter (our stacked scalings, applied inside the base matmul by `flora_vllm.ops`),
-never both: the manager resets the other kind when it fills a slot. Plain tokens (slot -1) get
-the base output. vLLM state the layer reads (the step's slots, the CPU GEMM) comes through
-`hooks.worker_step`, where those private names are version-checked.
+A slot holds a LoRA adapter (vLLM's stacked A/B, applied by punica on top of the output), a
+FLoRA adapter (our stacked scalings, applied inside the base matmul by `flora_vllm.ops`; its
+LoRA weights are zero and skipped), or both (DoRA: `set_flora(..., keep_lora=True)`, the LoRA
+part added on top of the scaled output). Plain tokens (slot -1) get the base output. vLLM
+state the layer reads (the step's slots, the CPU GEMM) comes through `hooks.worker_step`, where
+those private names are version-checked.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class FLoRALinearMixin:
     flora_b: list[torch.Tensor]  # per slice [max_loras + 1, R, out_slice] (B^T, scale folded)
     flora_ranks: torch.Tensor  # [max_loras + 1, n_slices] int64, 0 = no FLoRA in slot/slice
     _flora_slots: set[int]  # slots holding a FLoRA adapter (host-side, no device sync)
+    _keep_lora_slots: set[int]  # those among them whose LoRA weights apply too (DoRA)
     _flora_rank_host: list[list[int]]  # flora_ranks mirrored on the host, for planning
     _flora_version: list[int]  # bumped whenever a slot changes: keys the merged-weight cache
     _flora_uid: int  # this layer in those keys (a counter: id() may recur after a layer dies)
@@ -130,6 +132,7 @@ class FLoRALinearMixin:
             max_loras + 1, len(self.output_slices), dtype=torch.long, device=dev
         )
         self._flora_slots = set()
+        self._keep_lora_slots = set()
         self._flora_rank_host = [[0] * len(self.output_slices) for _ in range(max_loras)]
         self._flora_version = [0] * max_loras
         self._flora_uid = next(_layer_uids)
@@ -173,6 +176,7 @@ class FLoRALinearMixin:
             a[index, 0] = 1  # identity row for the rank-1 path
             b[index, 0] = 1
         self._flora_slots.discard(index)
+        self._keep_lora_slots.discard(index)
         self._flora_rank_host[index] = [0] * len(self.output_slices)
         self._flora_version[index] += 1
         merge_cache().drop(self._flora_uid, index)
@@ -182,9 +186,11 @@ class FLoRALinearMixin:
         index: int,
         a: list[torch.Tensor | None],
         b: list[torch.Tensor | None],
+        keep_lora: bool = False,
     ) -> None:
         """Put one adapter's factors (a [r, in], b [out, r], per slice; None = not adapted)
-        into slot `index`, sharded like vLLM shards LoRA for tensor parallelism."""
+        into slot `index`, sharded like vLLM shards LoRA for tensor parallelism. keep_lora:
+        the slot's LoRA weights apply too, on top of the scaled output (DoRA)."""
         self.reset_flora(index)
         if self.tp_size > 1:
             if len(self.output_slices) == 1:
@@ -201,6 +207,8 @@ class FLoRALinearMixin:
             self._flora_rank_host[index][i] = r
         if any(a_i is not None for a_i in a):
             self._flora_slots.add(index)
+            if keep_lora:
+                self._keep_lora_slots.add(index)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque node; its body runs this method eagerly
@@ -212,14 +220,17 @@ class FLoRALinearMixin:
             return output.reshape(*x.shape[:-1], output.shape[-1])
         counts = self.step_counts(x2.shape[0])
         present = [s for s in self._flora_slots if counts[s + 1]]
-        lora_tokens = any(n and s not in self._flora_slots for s, n in enumerate(counts[1:]))
+        lora_tokens = any(
+            n and (s not in self._flora_slots or s in self._keep_lora_slots)
+            for s, n in enumerate(counts[1:])
+        )
         if not present:  # no FLoRA token in this pass: the base GEMM, LoRA only if some token has
             output = self.base_layer.quant_method.apply(self.base_layer, x2, bias)
         elif fused:
             output = self._apply_fused(x2, bias)
         else:
             output = self._apply_torch(x2, bias, counts, present)
-        if lora_tokens:  # punica adds LoRA for LoRA slots (FLoRA slots hold zero LoRA weights)
+        if lora_tokens:  # punica adds LoRA for LoRA and DoRA slots (FLoRA's hold zero weights)
             output = lora_on_output(self, x2, output)
         return output.reshape(*x.shape[:-1], output.shape[-1])
 

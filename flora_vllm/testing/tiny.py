@@ -240,6 +240,33 @@ def make_lora_adapter(
     return out_dir
 
 
+def make_dora_adapter(
+    model_dir: str, out_dir: str, rank: int, targets: tuple[str, ...], seed: int,
+    **config: object,
+) -> str:
+    """A PEFT DoRA adapter (LoRA with `use_dora`) on `targets`, saved with PEFT itself: its own
+    init (B = 0, magnitude = the base rows' norms) plus a seeded random B and a perturbed
+    magnitude, so both parts change answers. `config`: more LoraConfig fields (`use_rslora`,
+    `alpha_pattern`, ...)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=list(targets), use_dora=True, **config
+    )
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
 def make_ia3_adapter(
     model_dir: str, out_dir: str, targets: tuple[str, ...], feedforward: tuple[str, ...],
     seed: int,

@@ -197,9 +197,10 @@ class Adapter:
     """What the worker hands a layer for one slot: per adapter slice a [r, in], b [out, r]
     (scale folded into b, as both loaders do), None = slice not adapted."""
 
-    kind: str  # "flora" | "lora"
+    kind: str  # "flora" | "lora" | "dora" (a LoRA and, per slice, an output scaling s)
     a: list[torch.Tensor | None]
     b: list[torch.Tensor | None]
+    s: list[torch.Tensor | None] | None = None  # dora: [out] per slice (b's rows already × s)
 
 
 def _flora(fam: Family, r: int, gen: torch.Generator, skip: int | None = None) -> Adapter:
@@ -219,6 +220,13 @@ def _lora(fam: Family, r: int, gen: torch.Generator) -> Adapter:
     a = [0.2 * torch.randn(r, fam.in_size, generator=gen) for _ in fam.slices]
     b = [0.2 * torch.randn(out, r, generator=gen) for out in fam.slices]
     return Adapter("lora", a, b)
+
+
+def _dora(fam: Family, r: int, gen: torch.Generator) -> Adapter:
+    lora = _lora(fam, r, gen)
+    s = [1 + 0.3 * torch.randn(out, generator=gen) for out in fam.slices]
+    b = [b_i * s_i[:, None] for b_i, s_i in zip(lora.b, s, strict=True)]
+    return Adapter("dora", lora.a, b, s)
 
 
 def dense_reference(
@@ -243,6 +251,9 @@ def dense_reference(
                 a_i, b_i = ad.a[i].double(), ad.b[i].double()
                 if ad.kind == "flora":
                     y = x[t] @ (w * (b_i @ a_i)).T + bias[start : start + size]
+                elif ad.kind == "dora":  # s ∘ (W0 x) + bias + B' A x, B' = s ∘ B
+                    y = (x[t] @ w.T) * ad.s[i].double() + bias[start : start + size]
+                    y = y + (x[t] @ a_i.T) @ b_i.T
                 else:
                     y = y + (x[t] @ a_i.T) @ b_i.T
             outs.append(y)
@@ -375,7 +386,13 @@ def fill(layer: torch.nn.Module, slot: int, adapter: Adapter | None) -> None:
         layer.set_lora(slot, adapter.a[0], adapter.b[0])
     else:
         layer.set_lora(slot, adapter.a, adapter.b)
-    layer.reset_flora(slot)
+    if adapter.kind == "dora":  # as the worker arranges a DoRA model's `flora`: a = 1, b = s
+        ones = [None if s is None else torch.ones(1, layer.flora_full_shapes()[0][1])
+                for s in adapter.s]
+        scales = [None if s is None else s.reshape(-1, 1) for s in adapter.s]
+        layer.set_flora(slot, ones, scales, keep_lora=True)
+    else:
+        layer.reset_flora(slot)
 
 
 def make_wrapper(host_counts: bool) -> tuple[PunicaWrapperCPU, Callable[..., None]]:
@@ -551,6 +568,40 @@ def test_flora_rank_limit_sizes_the_stacks(
     for prefill in (True, False):
         check(fam, layer, wrapper, update, weight, bias, _slots(gen, groups), adapters, prefill,
               gen, f"FLORA_MAX_RANK=2, prefill={prefill}")
+
+
+@pytest.mark.parametrize("execution", ["auto", "merged"])
+@pytest.mark.parametrize("fam", FAMILIES, ids=FAMILY_IDS)
+def test_dora_slot_applies_its_lora_and_its_scaling_to_the_same_token(
+    env: Callable[[str], None], fam: Family, execution: str
+) -> None:
+    """A DoRA slot (LoRA weights and rank-1 output scalings both set, `keep_lora`) next to FLoRA,
+    LoRA and plain tokens: each token gets s ∘ (W0 x) + bias + (s ∘ B) A x, also in passes with
+    no other LoRA token (where a FLoRA slot's LoRA part is skipped); emptied, its tokens see
+    the base layer; refilled as FLoRA, no LoRA part remains."""
+    env(execution)
+    gen = torch.Generator().manual_seed(300 + sum(map(ord, fam.name)))
+    weight, bias = _random_layer(fam, gen)
+    layer = build(fam, weight, bias)
+    wrapper, update = make_wrapper(True)
+    layer.set_mapping(wrapper)
+    adapters = {0: _dora(fam, 4, gen), 1: _flora(fam, 1, gen), 2: _lora(fam, 2, gen)}
+    for slot, ad in adapters.items():
+        fill(layer, slot, ad)
+
+    def run(groups: dict[int, int], prefill: bool, what: str) -> None:
+        check(fam, layer, wrapper, update, weight, bias, _slots(gen, groups), adapters, prefill,
+              gen, what)
+
+    run({-1: 3, 0: 3, 1: 3, 2: 3}, True, "DoRA, FLoRA, LoRA, base")
+    run({-1: 2, 0: 3, 1: 2}, False, "DoRA and FLoRA only (decode)")
+    run({0: 4}, False, "DoRA only")
+    adapters[0] = _flora(fam, 2, gen)
+    fill(layer, 0, adapters[0])
+    run({-1: 2, 0: 3, 1: 2}, True, "slot 0 refilled with FLoRA")
+    fill(layer, 0, None)
+    del adapters[0]
+    run({-1: 2, 0: 3, 2: 2}, False, "slot 0 emptied")
 
 
 # --- 2. tensor parallelism: per-rank shards equal the unsharded layer ----------------------------

@@ -134,8 +134,11 @@ class _Routed:
 
     output_slices = (4,)
 
-    def __init__(self, flora_slots: set[int], counts: list[int] | None) -> None:
+    def __init__(
+        self, flora_slots: set[int], counts: list[int] | None, keep_lora: frozenset = frozenset()
+    ) -> None:
         self._flora_slots = flora_slots
+        self._keep_lora_slots = set(keep_lora)  # DoRA slots: their LoRA part applies too
         self._counts = counts  # None: step_counts must not be read
         self.calls: list[str] = []
         layer = self
@@ -185,6 +188,20 @@ def test_layer_routes_each_pass_to_its_work(monkeypatch, fused, in_graph, counts
     layer = _Routed({0}, counts)  # slot 0 holds a FLoRA adapter, slot 1 a LoRA one
     out = layers.FLoRALinearMixin.apply(layer, torch.zeros(3, 8))
     assert layer.calls == expected and out.shape == (3, 4)
+
+
+@pytest.mark.parametrize(("fused", "expected"), [(True, ["fused", "lora"]),
+                                                 (False, ["torch", "lora"])])
+def test_a_dora_slot_alone_runs_its_scalings_and_its_lora(monkeypatch, fused, expected):
+    """Slot 0 holds a DoRA adapter (FLoRA output scalings and LoRA weights, `keep_lora`): a pass
+    with only its tokens runs both parts; a FLoRA slot's tokens alone skip the LoRA op."""
+    from flora_vllm.layers import base as layers
+
+    monkeypatch.setattr(layers, "_runs_fused", lambda x: fused)
+    monkeypatch.setattr(layers, "_in_graph", lambda x: False)
+    layer = _Routed({0}, [1, 2, 0], keep_lora=frozenset({0}))
+    layers.FLoRALinearMixin.apply(layer, torch.zeros(3, 8))
+    assert layer.calls == expected
 
 
 class _Manager:

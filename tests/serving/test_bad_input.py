@@ -41,6 +41,7 @@ from malformed import (
     config_text,
     copy,
     deep_json,
+    dora,
     drop,
     edit_config,
     edit_tensors,
@@ -48,6 +49,7 @@ from malformed import (
     entry,
     fifo_instead_of,
     file_not_folder,
+    first_magnitude,
     first_vector,
     flora,
     folder_instead_of,
@@ -147,6 +149,18 @@ ADAPTER_CASES: list[AdapterCase] = [
         **t, "base_model.model.model.embed_tokens.ia3_l": torch.ones(1, 8)}), 400,
         "IA3 on module 'model.embed_tokens' is not served"),
     AdapterCase("ia3-modules-to-save", ia3(modules_to_save=["lm_head"]), 400, "modules_to_save"),
+    # -- PEFT DoRA folders (LoRA with use_dora: a LoRA plus rank-1 output scalings) -----------
+    AdapterCase("dora-wrong-length",
+                dora(first_magnitude(lambda v: torch.ones(v.shape[0] + 3))), 400, "expected"),
+    AdapterCase("dora-nan", dora(first_magnitude(lambda v: v * float("nan"))), 400, "holds NaN"),
+    AdapterCase("dora-missing-magnitude", dora(first_magnitude(lambda v: None)), 400,
+                "its lora_magnitude_vector is missing"),
+    AdapterCase("dora-on-embeddings", dora(lambda t: {
+        **t, "base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(8, 16),
+        "base_model.model.model.embed_tokens.lora_embedding_B": torch.ones(16, 8),
+        "base_model.model.model.embed_tokens.lora_magnitude_vector": torch.ones(16)}), 400,
+        "DoRA on embeddings ('model.embed_tokens') is not served"),
+    AdapterCase("dora-fan-in-fan-out", dora(fan_in_fan_out=True), 400, "fan_in_fan_out"),
     AdapterCase("prefix-tuning", cfg(peft_type="PREFIX_TUNING"), 400,
                 "unknown peft_type 'PREFIX_TUNING'"),
     AdapterCase("lowercase-peft-type", cfg(peft_type="flora"), 400, "unknown peft_type 'flora'"),
@@ -652,6 +666,7 @@ ACCEPTED: list[tuple[str, Callable[[Src], str]]] = [
 ACCEPTED_KINDS: list[tuple[str, Callable[[Src], str]]] = [  # other kinds: answers differ
     ("ia3-down-proj", ia3()),
     ("ia3-regex-targets", ia3(target_modules=r".*\.down_proj", feedforward_modules=r".*down_proj")),
+    ("dora-every-lora-module", dora()),
 ]
 
 
@@ -678,8 +693,9 @@ def test_unusual_but_valid_adapter_is_served(case, build, good, model_sets, tmp_
 @pytest.mark.parametrize(("case", "build"), ACCEPTED_KINDS, ids=[c[0] for c in ACCEPTED_KINDS])
 def test_other_peft_kinds_are_served_as_peft_computes_them(case, build, good, model_sets,
                                                            tmp_path):
-    """PEFT-format folders of the other served kinds (IA3, targets as a list or as a regex):
-    loaded (200), answering as PEFT's own layers compute them (1e-3 in log-probability)."""
+    """PEFT-format folders of the other served kinds (IA3, targets as a list or as a regex;
+    DoRA on every module of the good LoRA): loaded (200), answering as PEFT's own layers compute
+    them (1e-3 in log-probability)."""
     from reference import load_reference, token_logprobs
 
     c = good["client"]

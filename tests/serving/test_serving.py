@@ -113,6 +113,42 @@ def test_peft_ia3_in_a_mixed_batch_with_flora_lora_and_base(llama_server, model_
         http.post("/v1/unload_lora_adapter", json={"lora_name": "ia3"})
 
 
+def test_peft_dora_in_a_mixed_batch_with_ia3_flora_lora_and_base(
+    llama_server, model_sets, tmp_path
+):
+    """A PEFT DoRA adapter of rank 4 (made by PEFT: its own init, a seeded random B and a
+    perturbed magnitude, `use_rslora` on) and a PEFT IA3 adapter, loaded at runtime as they
+    are, in one concurrent batch with FLoRA, LoRA and base requests on the server whose slots
+    are all taken: every answer equals the oracle's (for DoRA and IA3: PEFT's own unmerged
+    layers), DoRA answers differ from base; `/v1/models` lists it, and its requests count
+    under adapter_type="dora"."""
+    import httpx
+
+    from flora_vllm.testing.tiny import make_dora_adapter, make_ia3_adapter
+
+    paths = dict(model_sets["llama"])
+    paths["dora"] = make_dora_adapter(
+        paths["base"], str(tmp_path / "dora"), 4, ("q_proj", "v_proj", "o_proj", "down_proj"),
+        seed=22, use_rslora=True,
+    )
+    paths["ia3"] = make_ia3_adapter(
+        paths["base"], str(tmp_path / "ia3"), ("k_proj", "down_proj"), ("down_proj",), seed=23
+    )
+    http = httpx.Client(base_url=llama_server.url, timeout=300)
+    for name in ("dora", "ia3"):
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": paths[name]})
+        assert r.status_code == 200, r.text
+    try:
+        run_mixed_batch(llama_server, paths, ("flora-r2", "lora-r8", "ia3", "dora", "flora-r1"))
+        cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+        assert cards["dora"]["root"] == paths["dora"]  # the client's folder, not the copy
+        metrics = http.get("/metrics").text
+        assert 'adapter="dora",adapter_type="dora"' in metrics
+    finally:
+        for name in ("dora", "ia3"):
+            http.post("/v1/unload_lora_adapter", json={"lora_name": name})
+
+
 def test_llama_mixed_batch_eager(model_sets, tmp_path):
     """vLLM's own choice with LoRA on the CPU (no compilation) stays correct: FLORA_COMPILE=0."""
     env = {"FLORA_COMPILE": "0"}
