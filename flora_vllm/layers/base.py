@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import torch
 from torch import nn
@@ -103,6 +104,7 @@ def _step_counts(step: tuple[int, list[int]], n_tok: int) -> list[int]:
 
 
 _last_active: list = [None, None]  # (counts, slots with tokens)
+_last_ident: list = [None, None, None]  # (counts, max_loras, [T] slot or identity slot)
 
 
 def _active_slots(counts: list[int]) -> list[int]:
@@ -112,13 +114,34 @@ def _active_slots(counts: list[int]) -> list[int]:
     return _last_active[1]
 
 
+_scratch_buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A temporary of this process, reused by every layer call: fresh large allocations cost
+    more than the work here on the CPU (each new page faults in). Only for tensors that die
+    within one `apply` (never its output); one buffer per role, grown on demand."""
+    key = (role, like.dtype, like.device)
+    numel = math.prod(shape)
+    buf = _scratch_buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch_buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(shape)
+
+
+def _gather_rows(role: str, rows: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """rows.index_select(dim, index) into a scratch buffer."""
+    shape = (*rows.shape[:dim], index.shape[0], *rows.shape[dim + 1 :])
+    return torch.index_select(rows, dim, index, out=_scratch(role, shape, rows))
+
+
 def _scaled(x: torch.Tensor, rows: torch.Tensor, fresh: bool) -> torch.Tensor:
     """x ∘ rows in x's dtype (rows broadcast; fp32 rows for a bf16 x round once). `fresh`: rows
     is this pass's own temporary, which may take the result in place."""
     if fresh and rows.dtype == x.dtype:
         return rows.mul_(x)
-    shape = torch.broadcast_shapes(x.shape, rows.shape)
-    return torch.mul(x, rows, out=x.new_empty(shape))
+    shape = (*rows.shape[:-2], *x.shape)  # rows: [1, in], [n, 1, in] or [n, T, in]
+    return torch.mul(x, rows, out=_scratch("x", shape, x))
 
 
 def _scale_out(
@@ -340,6 +363,15 @@ class FLoRALinearMixin:
             slots = torch.cat([slots, pad])
         return slots
 
+    def _identity_slots(self, counts: list[int], n_tok: int) -> torch.Tensor:
+        """[T] slot per token with -1 (plain, padded) mapped to the identity slot; once per step
+        (per `counts` list, which every layer of the step shares)."""
+        n_slots = len(self._flora_version)
+        if _last_ident[0] is not counts or _last_ident[1] != n_slots:
+            ident = torch.remainder(self._token_slots(n_tok), n_slots + 1)
+            _last_ident[:] = [counts, n_slots, ident]
+        return _last_ident[2]
+
     def _apply_rank1(
         self,
         x2: torch.Tensor,
@@ -362,14 +394,14 @@ class FLoRALinearMixin:
         single = len(present) == 1 and counts[present[0] + 1] == n_tok
         if single:  # [n_slices, 1, in], [out]: broadcast over the tokens
             a_rows, b_rows = self._a_rows[:, present[0]].unsqueeze(1), self._b_rows[present[0]]
-        else:  # the identity slot (last) for plain and padded tokens
-            ident = torch.remainder(self._token_slots(n_tok), len(self._flora_version) + 1)
-            a_rows, b_rows = None, self._b_rows.index_select(0, ident)  # [T, out]
+        else:  # [T] slot per token, the identity slot (last) for plain and padded tokens
+            ident = self._identity_slots(counts, n_tok)
+            a_rows, b_rows = None, _gather_rows("b", self._b_rows, 0, ident)  # [T, out]
         if len(self.output_slices) == 1 or all(self._flora_tied[s] for s in present):
-            a = a_rows[0] if single else self._a_rows[0].index_select(0, ident)  # [1|T, in]
+            a = a_rows[0] if single else _gather_rows("a", self._a_rows[0], 0, ident)  # [1|T, in]
             y = self._packed_gemm(_scaled(x2, a, fresh=not single))  # [T, out]
             return _scale_out(y, b_rows, bias, out=y)
-        a = a_rows if single else self._a_rows.index_select(1, ident)  # [n_slices, 1|T, in]
+        a = a_rows if single else _gather_rows("a", self._a_rows, 1, ident)  # [n, 1|T, in]
         xs = _scaled(x2, a, fresh=not single)  # [n_slices, T, in]
         y = x2.new_empty(n_tok, self._b_rows.shape[1])  # [T, out]
         for i, (start, size) in enumerate(
