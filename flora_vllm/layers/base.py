@@ -115,6 +115,7 @@ def _active_slots(counts: list[int]) -> list[int]:
 
 
 _scratch_buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+_scratch_views: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -122,11 +123,15 @@ def _scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Ten
     more than the work here on the CPU (each new page faults in). Only for tensors that die
     within one `apply` (never its output); one buffer per role, grown on demand."""
     key = (role, like.dtype, like.device)
+    last = _scratch_views.get(key)
+    if last is not None and last.shape == shape:  # the usual case: the same shape again
+        return last
     numel = math.prod(shape)
     buf = _scratch_buffers.get(key)
     if buf is None or buf.numel() < numel:
         buf = _scratch_buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buf[:numel].view(shape)
+    view = _scratch_views[key] = buf[:numel].view(shape)
+    return view
 
 
 def _gather_rows(role: str, rows: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -402,18 +407,14 @@ class FLoRALinearMixin:
             y = self._packed_gemm(_scaled(x2, a, fresh=not single))  # [T, out]
             return _scale_out(y, b_rows, bias, out=y)
         a = a_rows if single else _gather_rows("a", self._a_rows, 1, ident)  # [n, 1|T, in]
-        xs = _scaled(x2, a, fresh=not single)  # [n_slices, T, in]
+        xs = _scaled(x2, a, fresh=not single).unbind(0)  # n_slices x [T, in]
         y = x2.new_empty(n_tok, self._b_rows.shape[1])  # [T, out]
-        for i, (start, size) in enumerate(
-            zip(_starts(self.output_slices), self.output_slices, strict=True)
+        sizes = self.output_slices
+        biases = [None] * len(sizes) if bias is None else bias.split(sizes)
+        for gemm, x_i, b_i, bias_i, y_i in zip(
+            self._slice_gemms, xs, b_rows.split(sizes, -1), biases, y.split(sizes, 1), strict=True
         ):
-            cols = slice(start, start + size)
-            _scale_out(
-                self._slice_gemms[i](xs[i]),
-                b_rows[..., cols],
-                None if bias is None else bias[cols],
-                out=y[:, cols],
-            )
+            _scale_out(gemm(x_i), b_i, bias_i, out=y_i)  # y_i: the slice's columns of y
         return y
 
     def _apply_fused(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
