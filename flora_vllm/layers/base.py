@@ -114,6 +114,7 @@ def _active_slots(counts: list[int]) -> list[int]:
     return _last_active[1]
 
 
+SCRATCH_MAX_NUMEL = 2**24  # per role (a, b, x) and dtype: at most 64 MiB of fp32 kept
 _scratch_buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 _scratch_views: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -122,11 +123,13 @@ def _scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Ten
     """A temporary of this process, reused by every layer call: fresh large allocations cost
     more than the work here on the CPU (each new page faults in). Only for tensors that die
     within one `apply` (never its output); one buffer per role, grown on demand."""
+    numel = math.prod(shape)
+    if numel > SCRATCH_MAX_NUMEL:  # a long prefill chunk of a wide layer: not kept
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
     key = (role, like.dtype, like.device)
     last = _scratch_views.get(key)
     if last is not None and last.shape == shape:  # the usual case: the same shape again
         return last
-    numel = math.prod(shape)
     buf = _scratch_buffers.get(key)
     if buf is None or buf.numel() < numel:
         buf = _scratch_buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)

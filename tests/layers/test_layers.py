@@ -731,3 +731,39 @@ def test_one_adapter_pass_broadcasts_its_rows(
     n = 6 + 6 + 2
     assert run({-1: 6, 0: 6}, "half slot 0, half plain, 2 padded", pad=2) == [("b", n), ("a", n)]
     assert run({-1: 3, 0: 3, 3: 3}, "two adapters and plain tokens")
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=FAMILY_IDS)
+def test_rank1_output_owns_its_memory(
+    env: Callable[[str], None], fam: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rank-1 path keeps its temporaries in buffers that every layer call reuses: a layer's
+    output must survive the next calls (of any layer), and the path without those buffers (a
+    pass too large to keep one) must give the same answer."""
+    env("auto")
+    gen = torch.Generator().manual_seed(1300 + sum(map(ord, fam.name)))
+    weight, bias = _random_layer(fam, gen)
+    first, second = build(fam, weight, bias), build(fam, weight, bias)
+    wrapper, update = make_wrapper(True)
+    adapters = {0: _flora(fam, 1, gen), 1: _tied(fam, gen), 2: _flora(fam, 1, gen)}
+    for layer in (first, second):
+        layer.set_mapping(wrapper)
+        for slot, ad in adapters.items():
+            fill(layer, slot, ad)
+    passes = [{-1: 2, 0: 3, 2: 3}, {-1: 3, 1: 4}, {2: 5}]  # untied, tied + plain, one adapter
+    outputs = []
+    for i, groups in enumerate(passes):
+        slots = _slots(gen, groups)
+        x = torch.randn(len(slots), fam.in_size, generator=gen)
+        map_tokens(wrapper, update, slots, prefill=False)
+        y = first.apply(x, first.base_layer.bias)
+        outputs.append((y, y.clone(), x, slots))
+        with monkeypatch.context() as m:
+            m.setattr(layers.base, "SCRATCH_MAX_NUMEL", 0)  # every temporary fresh
+            torch.testing.assert_close(first.apply(x, first.base_layer.bias), y, rtol=0, atol=0,
+                                       msg=lambda m, i=i: f"pass {i} without scratch: {m}")
+        second.apply(torch.randn(len(slots), fam.in_size, generator=gen), bias)  # reuses buffers
+    for i, (y, kept, x, slots) in enumerate(outputs):
+        assert torch.equal(y, kept), f"{fam.name}: pass {i}'s output changed by later calls"
+        want = dense_reference(fam, weight, bias, x, slots, adapters)
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
