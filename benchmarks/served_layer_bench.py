@@ -112,7 +112,7 @@ SEED = 0
 WARMUP = 3
 MIN_ROUNDS, MAX_ROUNDS = 7, 41
 ROUND_BUDGET_S = 4.0  # rounds per point: until MAX_ROUNDS or this many seconds of timed calls
-PROFILE_CALLS = 5
+PROFILE_CALLS, PROFILE_CHUNKS = 3, 5  # per-part medians over 5 profiles of 3 calls
 
 PATHS: dict[str, str] = {
     "packed_gemm": "base_layer.forward: vLLM's plain packed CPU GEMM (a plain server)",
@@ -279,12 +279,19 @@ _GEMM_OPS = ("onednn_mm", "weight_packed_linear", "linear", "addmm", "mm", "bmm"
 _GATHER_OPS = ("index", "index_select", "embedding", "gather", "take")
 
 
-def breakdown(fn: Callable[[], Any], calls: int) -> dict[str, float]:
+def breakdown(fn: Callable[[], Any], calls: int, chunks: int = PROFILE_CHUNKS) -> dict[str, float]:
+    """Per-call microseconds of each part of `fn`: the median over `chunks` profiles of `calls`
+    calls each (a call descheduled by another job inflates one chunk, not the result)."""
+    fn()
+    parts = [_profile_parts(fn, calls) for _ in range(chunks)]
+    return {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+
+
+def _profile_parts(fn: Callable[[], Any], calls: int) -> dict[str, float]:
     """Per-call microseconds of each part of `fn` under torch.profiler (top-level ops only;
     `python` = profiled wall time not inside any op)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(calls):
@@ -400,7 +407,9 @@ def run_layer(
                 for p in wrappers:
                     if p.startswith("flora"):
                         row["breakdown"][p] = breakdown(fns[p], PROFILE_CALLS)
-                row["breakdown"].setdefault("packed_gemm", breakdown(fns["packed_gemm"], 3))
+                row["breakdown"].setdefault(
+                    "packed_gemm", breakdown(fns["packed_gemm"], PROFILE_CALLS)
+                )
             summary = " ".join(
                 f"{p}={t['ratio_to_packed']:.2f}x" for p, t in times.items() if p != "packed_gemm"
             )
