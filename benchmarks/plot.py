@@ -4,6 +4,8 @@
         one line per mode (base flat), the inflection rank (FLoRA tok/s < LoRA's) marked.
     layer (layer_bench.py): time / base time against rank, one panel per (shape, tokens), one
         line per path, the measured and the cost model's inflection (vs the paper's bmm) marked.
+    served_layer (served_layer_bench.py): per served layer, time / vLLM's packed GEMM against
+        tokens (one line per path) and the FLoRA path's parts per T (stacked bars).
 
 The benchmark scripts call these at the end; re-plot a saved file with
 `python benchmarks/plot.py benchmarks/results/<file>.json [--out file.png]`.
@@ -161,6 +163,81 @@ def plot_layer(result: dict[str, Any], png: str) -> str | None:
     return png
 
 
+SERVED_STYLE = {
+    "base_tokens": {"color": "grey", "linestyle": "-.", "marker": "."},
+    "flora_all_1": {"color": "tab:red", "marker": "o"},
+    "flora_all_T": {"color": "darkred", "marker": "s"},
+    "flora_half_1": {"color": "tab:orange", "marker": "o", "linestyle": ":"},
+    "flora_half_T": {"color": "tab:brown", "marker": "s", "linestyle": ":"},
+    "flora_tied_T": {"color": "tab:purple", "marker": "*"},
+    "lora_1": {"color": "tab:cyan", "marker": "^"},
+    "lora_T": {"color": "tab:blue", "marker": "v"},
+}
+PART_COLORS = {
+    "gather": "tab:olive", "scale_in": "tab:orange", "gemm": "tab:blue", "scale_out": "tab:red",
+    "cat": "tab:purple", "dtype": "tab:pink", "bias": "tab:cyan", "finite": "tab:gray",
+    "other_ops": "tab:brown", "python": "black",
+}
+
+
+def plot_served_layer(result: dict[str, Any], png: str) -> str | None:
+    """Left: time / packed GEMM vs T per path; right: parts of `flora_all_T` per T, in units of
+    the packed GEMM's profiled time (stacked bars)."""
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    rows = result["results"]
+    layers = list(dict.fromkeys((r["model"], r["layer"]) for r in rows))
+    fig, axes = plt.subplots(
+        len(layers), 2, figsize=(11, 2.6 * len(layers)), squeeze=False, constrained_layout=True
+    )
+    for i, (model, name) in enumerate(layers):
+        pts = sorted((r for r in rows if (r["model"], r["layer"]) == (model, name)),
+                     key=lambda r: r["tokens"])
+        tokens = [r["tokens"] for r in pts]
+        ax = axes[i][0]
+        for path, style in SERVED_STYLE.items():
+            xy = [(r["tokens"], r["times"][path]["ratio_to_packed"]) for r in pts
+                  if path in r["times"]]
+            if xy:
+                ax.plot(*zip(*xy, strict=True), label=path, **style)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="packed GEMM")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(tokens)
+        ax.set_xticklabels([str(t) for t in tokens])
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("time / packed GEMM")
+        ax.set_title(f"{model} {name} {pts[0]['out_slices']}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax = axes[i][1]
+        for j, r in enumerate(pts):
+            parts = r["breakdown"].get("flora_all_T")
+            ref = r["breakdown"].get("packed_gemm", {}).get("profiled_wall_us")
+            if not parts or not ref:
+                continue
+            bottom = 0.0
+            for part, color in PART_COLORS.items():
+                v = parts.get(part, 0.0) / ref
+                ax.bar(j, v, bottom=bottom, color=color, label=part if j == 0 else None)
+                bottom += v
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(pts)))
+        ax.set_xticklabels([str(t) for t in tokens])
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("flora_all_T parts / packed")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=6, ncol=2)
+    axes[0][1].legend(fontsize=6, ncol=2)
+    s = result["settings"]
+    fig.suptitle(
+        f"served layers (real <Base>WithFLoRA, vLLM CPU GEMM), rank 1, {s['dtype']}, "
+        f"{s['torch_threads']} threads", fontsize=10,
+    )
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("result", help="a JSON file written by serving_bench.py or layer_bench.py")
@@ -169,7 +246,9 @@ def main() -> None:
     with open(args.result) as f:
         result = json.load(f)
     png = args.out or args.result.removesuffix(".json") + ".png"
-    plot = {"serving": plot_serving, "layer": plot_layer}[result["kind"]]
+    plot = {"serving": plot_serving, "layer": plot_layer, "served_layer": plot_served_layer}[
+        result["kind"]
+    ]
     written = plot(result, png)
     if written:
         print(f"wrote {written}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ from flora_vllm.ops.torch_ops import (
     _add_bias,
     factor_dtype,
     flora_linear_segments,
+    linear_gemm,
     merge_slot,
 )
 
@@ -84,6 +86,83 @@ def merge_cache() -> MergedWeightCache:
     return _merge_cache
 
 
+def _starts(sizes: tuple[int, ...] | list[int]) -> list[int]:
+    """First output row of each slice."""
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+_last_step: list = [None, None, None]  # (flora_step, n_tok, counts): one step, every layer
+
+
+def _step_counts(step: tuple[int, list[int]], n_tok: int) -> list[int]:
+    """[no adapter, slot 0, ...] tokens of a pass of n_tok rows, computed once per step (the
+    step's summary is a new object every step) and shared by every layer of it."""
+    if _last_step[0] is not step or _last_step[1] != n_tok:
+        counts = list(step[1])
+        counts[0] += n_tok - step[0]  # padded tokens carry no adapter
+        _last_step[:] = [step, n_tok, counts]
+    return _last_step[2]
+
+
+_last_active: list = [None, None]  # (counts, slots with tokens)
+_last_ident: list = [None, None, None]  # (counts, max_loras, [T] slot or identity slot)
+
+
+def _active_slots(counts: list[int]) -> list[int]:
+    """Slots with tokens in this pass, once per counts list (every layer of a step shares it)."""
+    if _last_active[0] is not counts:
+        _last_active[:] = [counts, [s for s, n in enumerate(counts[1:]) if n]]
+    return _last_active[1]
+
+
+SCRATCH_MAX_NUMEL = 2**24  # per role (a, b, x) and dtype: at most 64 MiB of fp32 kept
+_scratch_buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+_scratch_views: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A temporary of this process, reused by every layer call: fresh large allocations cost
+    more than the work here on the CPU (each new page faults in). Only for tensors that die
+    within one `apply` (never its output); one buffer per role, grown on demand."""
+    numel = math.prod(shape)
+    if numel > SCRATCH_MAX_NUMEL:  # a long prefill chunk of a wide layer: not kept
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    key = (role, like.dtype, like.device)
+    last = _scratch_views.get(key)
+    if last is not None and last.shape == shape:  # the usual case: the same shape again
+        return last
+    buf = _scratch_buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch_buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    view = _scratch_views[key] = buf[:numel].view(shape)
+    return view
+
+
+def _gather_rows(role: str, rows: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """rows.index_select(dim, index) into a scratch buffer."""
+    shape = (*rows.shape[:dim], index.shape[0], *rows.shape[dim + 1 :])
+    return torch.index_select(rows, dim, index, out=_scratch(role, shape, rows))
+
+
+def _scaled(x: torch.Tensor, rows: torch.Tensor, fresh: bool) -> torch.Tensor:
+    """x ∘ rows in x's dtype (rows broadcast; fp32 rows for a bf16 x round once). `fresh`: rows
+    is this pass's own temporary, which may take the result in place."""
+    if fresh and rows.dtype == x.dtype:
+        return rows.mul_(x)
+    shape = (*rows.shape[:-2], *x.shape)  # rows: [1, in], [n, 1, in] or [n, T, in]
+    return torch.mul(x, rows, out=_scratch("x", shape, x))
+
+
+def _scale_out(
+    y: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """out = b ∘ y (+ bias) in one pass, computed in the widest dtype and rounded once into out
+    (which may be y itself, or a column slice of the layer's result)."""
+    if bias is None:
+        return torch.mul(y, b, out=out)
+    return torch.addcmul(bias, y, b, out=out)
+
+
 class FLoRALinearMixin:
     """Shared FLoRA verbs (`set_flora`, `reset_flora`) and the mixed-batch `apply`."""
 
@@ -96,9 +175,13 @@ class FLoRALinearMixin:
     _flora_slots: set[int]  # slots holding a FLoRA adapter (host-side, no device sync)
     _keep_lora_slots: set[int]  # those among them whose LoRA weights apply too (DoRA)
     _flora_rank_host: list[list[int]]  # flora_ranks mirrored on the host, for planning
+    _flora_tied: list[bool]  # per slot: rank <= 1 and one input scaling for every slice
+    _a_rows: torch.Tensor  # [n_slices, max_loras + 1, in] rank row 0 of flora_a (a view)
+    _b_rows: torch.Tensor  # [max_loras + 1, out] rank row 0 of flora_b, slices side by side
     _flora_version: list[int]  # bumped whenever a slot changes: keys the merged-weight cache
     _flora_uid: int  # this layer in those keys (a counter: id() may recur after a layer dies)
     _slice_gemms: list[Gemm]  # per output slice: x -> x W_slice^T (vLLM's fast GEMM on CPU)
+    _packed_gemm: Gemm  # x -> x W^T for the whole weight (vLLM's packed CPU GEMM)
 
     def create_lora_weights(
         self,
@@ -116,27 +199,28 @@ class FLoRALinearMixin:
             )
         rank = get_config().rank_limit(lora_config.max_lora_rank)[0]
         dt, dev = factor_dtype(weight.dtype), weight.device  # fp32 factors for a bf16 model
-        in_size = weight.shape[1]
-        self.flora_a = [
-            torch.zeros(max_loras + 1, rank, in_size, dtype=dt, device=dev)
-            for _ in self.output_slices
-        ]
+        n_slices, in_size = len(self.output_slices), weight.shape[1]
+        # One tensor per factor, rank rows outermost: row 0 of every slot (all the rank-1 path
+        # reads) is contiguous, [n_slices, S, in] and [S, out]; the per-slice stacks are views.
+        a_all = torch.zeros(rank, n_slices, max_loras + 1, in_size, dtype=dt, device=dev)
+        b_all = torch.zeros(rank, max_loras + 1, weight.shape[0], dtype=dt, device=dev)
+        a_all[0] = 1  # identity rows
+        b_all[0] = 1
+        self._a_rows, self._b_rows = a_all[0], b_all[0]
+        self.flora_a = [a_all[:, i].transpose(0, 1) for i in range(n_slices)]
         self.flora_b = [
-            torch.zeros(max_loras + 1, rank, out, dtype=dt, device=dev)
-            for out in self.output_slices
+            b_all[:, :, start : start + out].transpose(0, 1)
+            for start, out in zip(_starts(self.output_slices), self.output_slices, strict=True)
         ]
-        for a, b in zip(self.flora_a, self.flora_b, strict=True):
-            a[:, 0] = 1  # identity rows
-            b[:, 0] = 1
-        self.flora_ranks = torch.zeros(
-            max_loras + 1, len(self.output_slices), dtype=torch.long, device=dev
-        )
+        self.flora_ranks = torch.zeros(max_loras + 1, n_slices, dtype=torch.long, device=dev)
         self._flora_slots = set()
         self._keep_lora_slots = set()
-        self._flora_rank_host = [[0] * len(self.output_slices) for _ in range(max_loras)]
+        self._flora_rank_host = [[0] * n_slices for _ in range(max_loras)]
+        self._flora_tied = [True] * max_loras
         self._flora_version = [0] * max_loras
         self._flora_uid = next(_layer_uids)
         self._slice_gemms = self._build_slice_gemms(weight)
+        self._packed_gemm = self._build_packed_gemm(weight)
         self._opaque_key = opaque.register(
             f"linear:{self.base_layer.prefix}", self.apply, opaque.linear_fake(weight.shape[0])
         )
@@ -150,14 +234,21 @@ class FLoRALinearMixin:
             return [lambda x: fn(x, weight, None)]
         return [make_gemm(w) for w in weight.split(list(self.output_slices))]
 
+    def _build_packed_gemm(self, weight: torch.Tensor) -> Gemm:
+        """The whole layer's GEMM without bias: vLLM's packed CPU GEMM (the plain server's),
+        `F.linear` elsewhere. Rank-1 passes whose input scalings agree across slices take it."""
+        fn = cpu_linear(self.base_layer)
+        if weight.device.type == "cpu" and fn is not None:
+            return lambda x: fn(x, weight, None)
+        return linear_gemm(weight)
+
     def step_counts(self, n_tok: int) -> list[int]:
         """Tokens per slot in this forward pass ([no adapter, slot 0, slot 1, ...]), from the
-        host-side copy the plugin keeps per step; a device count only as a fallback."""
+        host-side copy the plugin keeps per step; a device count only as a fallback. The list
+        is shared by every layer of the step: read it, never change it."""
         step = step_host_counts(self.punica_wrapper)
         if step is not None and step[0] <= n_tok:
-            counts = list(step[1])
-            counts[0] += n_tok - step[0]  # padded tokens carry no adapter
-            return counts
+            return _step_counts(step, n_tok)
         slots = step_slots(self.punica_wrapper)[:n_tok]
         counts = torch.bincount(slots + 1, minlength=len(self._flora_version) + 1).tolist()
         counts[0] += n_tok - slots.shape[0]
@@ -178,6 +269,7 @@ class FLoRALinearMixin:
         self._flora_slots.discard(index)
         self._keep_lora_slots.discard(index)
         self._flora_rank_host[index] = [0] * len(self.output_slices)
+        self._flora_tied[index] = True
         self._flora_version[index] += 1
         merge_cache().drop(self._flora_uid, index)
 
@@ -209,6 +301,10 @@ class FLoRALinearMixin:
             self._flora_slots.add(index)
             if keep_lora:
                 self._keep_lora_slots.add(index)
+        rows = self._a_rows[:, index]  # [n_slices, in]: every slice's input scaling, rank row 0
+        self._flora_tied[index] = max(self._flora_rank_host[index]) <= 1 and bool(
+            (rows == rows[:1]).all()
+        )
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque node; its body runs this method eagerly
@@ -219,10 +315,10 @@ class FLoRALinearMixin:
             output = lora_on_output(self, x2, self._apply_fused(x2, bias))
             return output.reshape(*x.shape[:-1], output.shape[-1])
         counts = self.step_counts(x2.shape[0])
-        present = [s for s in self._flora_slots if counts[s + 1]]
-        lora_tokens = any(
-            n and (s not in self._flora_slots or s in self._keep_lora_slots)
-            for s, n in enumerate(counts[1:])
+        active = _active_slots(counts)
+        present = [s for s in active if s in self._flora_slots]
+        lora_tokens = len(present) < len(active) or any(  # LoRA slots, or DoRA's LoRA part
+            s in self._keep_lora_slots for s in present
         )
         if not present:  # no FLoRA token in this pass: the base GEMM, LoRA only if some token has
             output = self.base_layer.quant_method.apply(self.base_layer, x2, bias)
@@ -241,15 +337,15 @@ class FLoRALinearMixin:
         counts: list[int],
         present: list[int],
     ) -> torch.Tensor:
-        """CPU: torch ops per slice; rank <= 1 as one scaled GEMM, higher ranks per segment
-        (expanded rows or a merged weight, as the execution policy picks)."""
-        n_tok = x2.shape[0]
-        slots = step_slots(self.punica_wrapper)[:n_tok]  # [T], -1 = no adapter
-        if slots.shape[0] < n_tok:  # padded tokens carry no adapter
-            pad = slots.new_full((n_tok - slots.shape[0],), -1)
-            slots = torch.cat([slots, pad])
-        weight = self.base_layer.weight  # [sum(output_slices), in]
+        """CPU: rank <= 1 everywhere as scaled GEMMs (`_apply_rank1`); otherwise torch ops per
+        slice, higher ranks per segment (expanded rows or a merged weight, as the execution
+        policy picks)."""
         execution = get_config().execution
+        if execution != "merged" and all(max(self._flora_rank_host[s]) <= 1 for s in present):
+            return self._apply_rank1(x2, bias, counts, present)
+        n_tok = x2.shape[0]
+        slots = self._token_slots(n_tok)  # [T], -1 = no adapter
+        weight = self.base_layer.weight  # [sum(output_slices), in]
         n_slots = len(self._flora_version)
         ident = torch.remainder(slots, n_slots + 1)  # [T]; -1 -> the identity slot
         outs, start = [], 0
@@ -276,6 +372,63 @@ class FLoRALinearMixin:
                 )
             start += size
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, out]
+
+    def _token_slots(self, n_tok: int) -> torch.Tensor:
+        """[T] adapter slot per token, -1 for none (padded tokens included)."""
+        slots = step_slots(self.punica_wrapper)[:n_tok]
+        if slots.shape[0] < n_tok:  # padded tokens carry no adapter
+            pad = slots.new_full((n_tok - slots.shape[0],), -1)
+            slots = torch.cat([slots, pad])
+        return slots
+
+    def _identity_slots(self, counts: list[int], n_tok: int) -> torch.Tensor:
+        """[T] slot per token with -1 (plain, padded) mapped to the identity slot; once per step
+        (per `counts` list, which every layer of the step shares)."""
+        n_slots = len(self._flora_version)
+        if _last_ident[0] is not counts or _last_ident[1] != n_slots:
+            ident = torch.remainder(self._token_slots(n_tok), n_slots + 1)
+            _last_ident[:] = [counts, n_slots, ident]
+        return _last_ident[2]
+
+    def _apply_rank1(
+        self,
+        x2: torch.Tensor,
+        bias: torch.Tensor | None,
+        counts: list[int],
+        present: list[int],
+    ) -> torch.Tensor:
+        """Every adapter of the pass has rank <= 1 on every slice: y = b ∘ (W (a ∘ x)) + bias
+        per slice, i.e. the packed GEMM's multiply-adds plus one pass over the input (scaling)
+        and one over the output (scaling, bias and the slices' placement, fused).
+
+        One adapter for every token: its rows broadcast (no gather). Input scalings the same for
+        every slice of each adapter here (`_flora_tied`, checked at `set_flora`; plain tokens
+        too): one packed GEMM over the whole weight (vLLM's own). Otherwise one scaled copy of
+        the input per slice, in one op, and a GEMM per slice (vLLM's, on a packed copy of the
+        slice) whose output is scaled straight into its columns of the one result tensor.
+        Factors may be fp32 for a bf16 model: scaled rows round once to x's dtype before a GEMM,
+        and the output scaling (with the bias) runs in fp32 and rounds once."""
+        n_tok = x2.shape[0]
+        single = len(present) == 1 and counts[present[0] + 1] == n_tok
+        if single:  # [n_slices, 1, in], [out]: broadcast over the tokens
+            a_rows, b_rows = self._a_rows[:, present[0]].unsqueeze(1), self._b_rows[present[0]]
+        else:  # [T] slot per token, the identity slot (last) for plain and padded tokens
+            ident = self._identity_slots(counts, n_tok)
+            a_rows, b_rows = None, _gather_rows("b", self._b_rows, 0, ident)  # [T, out]
+        if len(self.output_slices) == 1 or all(self._flora_tied[s] for s in present):
+            a = a_rows[0] if single else _gather_rows("a", self._a_rows[0], 0, ident)  # [1|T, in]
+            y = self._packed_gemm(_scaled(x2, a, fresh=not single))  # [T, out]
+            return _scale_out(y, b_rows, bias, out=y)
+        a = a_rows if single else _gather_rows("a", self._a_rows, 1, ident)  # [n, 1|T, in]
+        xs = _scaled(x2, a, fresh=not single).unbind(0)  # n_slices x [T, in]
+        y = x2.new_empty(n_tok, self._b_rows.shape[1])  # [T, out]
+        sizes = self.output_slices
+        biases = [None] * len(sizes) if bias is None else bias.split(sizes)
+        for gemm, x_i, b_i, bias_i, y_i in zip(
+            self._slice_gemms, xs, b_rows.split(sizes, -1), biases, y.split(sizes, 1), strict=True
+        ):
+            _scale_out(gemm(x_i), b_i, bias_i, out=y_i)  # y_i: the slice's columns of y
+        return y
 
     def _apply_fused(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The fused Triton kernel per slice (CUDA; the CPU under TRITON_INTERPRET=1). It reads

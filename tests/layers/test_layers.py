@@ -674,3 +674,147 @@ def test_freed_base_weight_is_a_clear_error(
     weight, bias = _random_layer(fam, torch.Generator().manual_seed(7))
     with pytest.raises(RuntimeError, match="freed it after packing"):
         build(fam, weight, bias)
+
+
+# --- 3. the rank-1 path: one adapter broadcast, tied input scalings as one packed GEMM -----------
+
+PACKED = [f for f in FAMILIES if len(f.slices) > 1]
+RANK1_DTYPES = {"fp32": torch.float32, "bf16": BF16}
+
+
+def _tied(fam: Family, gen: torch.Generator) -> Adapter:
+    """Rank 1 with one input scaling for every slice (the IA3 form), own output scalings."""
+    a = 1 + 0.3 * torch.randn(1, fam.in_size, generator=gen)
+    b = [(1 + 0.3 * torch.randn(out, 1, generator=gen)) * ALPHA for out in fam.slices]
+    return Adapter("flora", [a.clone() for _ in fam.slices], b)
+
+
+def _spy_gemms(layer: torch.nn.Module) -> list[str]:
+    """Record which GEMM each pass runs: the whole packed weight or a slice's own."""
+    calls: list[str] = []
+    packed, slices = layer._packed_gemm, list(layer._slice_gemms)
+    layer._packed_gemm = lambda x: calls.append("packed") or packed(x)
+    layer._slice_gemms = [
+        (lambda x, g=g, i=i: calls.append(f"slice{i}") or g(x)) for i, g in enumerate(slices)
+    ]
+    return calls
+
+
+@pytest.mark.parametrize("dtype", RANK1_DTYPES.values(), ids=RANK1_DTYPES.keys())
+@pytest.mark.parametrize("fam", PACKED, ids=[f.name for f in PACKED])
+def test_tied_input_scalings_run_one_packed_gemm(
+    env: Callable[[str], None], fam: Family, dtype: torch.dtype
+) -> None:
+    """Adapters whose input scaling is the same for every slice are flagged at `set_flora` and
+    served by ONE GEMM over the whole packed weight, still equal to x (W0 ∘ B A)^T per slice;
+    one untied adapter (or a refill that unties a slot) brings back a GEMM per slice."""
+    env("auto")
+    gen = torch.Generator().manual_seed(500 + sum(map(ord, fam.name)))
+    weight, bias = _random_layer(fam, gen, dtype)
+    layer = build(fam, weight, bias)
+    wrapper, update = make_wrapper(True)
+    layer.set_mapping(wrapper)
+    adapters = {0: _tied(fam, gen), 1: _tied(fam, gen), 2: _flora(fam, 1, gen)}
+    adapters[3] = _lora(fam, 1, gen)
+    for slot, ad in adapters.items():
+        fill(layer, slot, ad)
+    assert layer._flora_tied[:3] == [True, True, False]
+    calls = _spy_gemms(layer)
+
+    def run(groups: dict[int, int], what: str, pad: int = 0) -> list[str]:
+        calls.clear()
+        check(fam, layer, wrapper, update, weight, bias, _slots(gen, groups), adapters, False,
+              gen, what, pad)
+        return list(calls)
+
+    slice_calls = [f"slice{i}" for i in range(len(fam.slices))]
+    assert run({-1: 3, 0: 4, 1: 4}, "tied adapters and plain tokens", pad=2) == ["packed"]
+    assert run({0: 3, 1: 2, 3: 3}, "tied adapters and LoRA") == ["packed"]
+    assert run({0: 3, 2: 3}, "tied + untied") == slice_calls
+    fill(layer, 1, adapters[2])  # slot 1 refilled with the untied adapter: its flag follows
+    adapters[1] = adapters[2]
+    assert layer._flora_tied[1] is False
+    assert run({-1: 2, 1: 4}, "refilled untied slot") == slice_calls
+    fill(layer, 2, None)
+    del adapters[2]
+    assert layer._flora_tied[2] is True  # an empty slot is the identity: tied
+    skip_last = _flora(fam, 1, gen, skip=len(fam.slices) - 1)  # a bare slice keeps scaling 1
+    skip_last.a[:-1] = [torch.ones(1, fam.in_size)] * (len(fam.slices) - 1)  # so: tied
+    fill(layer, 2, skip_last)
+    adapters[2] = skip_last
+    assert layer._flora_tied[2] is True
+    assert run({0: 3, 2: 3}, "tied + identity input scalings") == ["packed"]
+
+
+@pytest.mark.parametrize("dtype", RANK1_DTYPES.values(), ids=RANK1_DTYPES.keys())
+@pytest.mark.parametrize("fam", FAMILIES, ids=FAMILY_IDS)
+def test_one_adapter_pass_broadcasts_its_rows(
+    env: Callable[[str], None], fam: Family, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every token of a pass on one rank-1 adapter: its scaling rows broadcast (no gather at
+    all), equal to the dense layer; half the tokens plain (or padded) needs the gather."""
+    env("auto")
+    gen = torch.Generator().manual_seed(900 + sum(map(ord, fam.name)))
+    weight, bias = _random_layer(fam, gen, dtype)
+    layer = build(fam, weight, bias)
+    wrapper, update = make_wrapper(True)
+    layer.set_mapping(wrapper)
+    adapters = {0: _flora(fam, 1, gen), 1: _tied(fam, gen), 3: _flora(fam, 1, gen)}
+    for slot, ad in adapters.items():
+        fill(layer, slot, ad)
+    gathers: list[tuple[str, int]] = []
+    gather = layers.base._gather_rows
+    monkeypatch.setattr(
+        layers.base,
+        "_gather_rows",
+        lambda role, rows, dim, index: gathers.append((role, len(index)))
+        or gather(role, rows, dim, index),
+    )
+
+    def run(groups: dict[int, int], what: str, pad: int = 0) -> list[tuple[str, int]]:
+        gathers.clear()
+        check(fam, layer, wrapper, update, weight, bias, _slots(gen, groups), adapters, False,
+              gen, what, pad)
+        return list(gathers)
+
+    for slot in adapters:
+        assert run({slot: 6}, f"every token on slot {slot}") == []
+    n = 6 + 6 + 2
+    assert run({-1: 6, 0: 6}, "half slot 0, half plain, 2 padded", pad=2) == [("b", n), ("a", n)]
+    assert run({-1: 3, 0: 3, 3: 3}, "two adapters and plain tokens")
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=FAMILY_IDS)
+def test_rank1_output_owns_its_memory(
+    env: Callable[[str], None], fam: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rank-1 path keeps its temporaries in buffers that every layer call reuses: a layer's
+    output must survive the next calls (of any layer), and the path without those buffers (a
+    pass too large to keep one) must give the same answer."""
+    env("auto")
+    gen = torch.Generator().manual_seed(1300 + sum(map(ord, fam.name)))
+    weight, bias = _random_layer(fam, gen)
+    first, second = build(fam, weight, bias), build(fam, weight, bias)
+    wrapper, update = make_wrapper(True)
+    adapters = {0: _flora(fam, 1, gen), 1: _tied(fam, gen), 2: _flora(fam, 1, gen)}
+    for layer in (first, second):
+        layer.set_mapping(wrapper)
+        for slot, ad in adapters.items():
+            fill(layer, slot, ad)
+    passes = [{-1: 2, 0: 3, 2: 3}, {-1: 3, 1: 4}, {2: 5}]  # untied, tied + plain, one adapter
+    outputs = []
+    for i, groups in enumerate(passes):
+        slots = _slots(gen, groups)
+        x = torch.randn(len(slots), fam.in_size, generator=gen)
+        map_tokens(wrapper, update, slots, prefill=False)
+        y = first.apply(x, first.base_layer.bias)
+        outputs.append((y, y.clone(), x, slots))
+        with monkeypatch.context() as m:
+            m.setattr(layers.base, "SCRATCH_MAX_NUMEL", 0)  # every temporary fresh
+            torch.testing.assert_close(first.apply(x, first.base_layer.bias), y, rtol=0, atol=0,
+                                       msg=lambda m, i=i: f"pass {i} without scratch: {m}")
+        second.apply(torch.randn(len(slots), fam.in_size, generator=gen), bias)  # reuses buffers
+    for i, (y, kept, x, slots) in enumerate(outputs):
+        assert torch.equal(y, kept), f"{fam.name}: pass {i}'s output changed by later calls"
+        want = dense_reference(fam, weight, bias, x, slots, adapters)
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
