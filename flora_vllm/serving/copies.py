@@ -27,6 +27,7 @@ from flora_vllm.serving.access import check_adapter_path
 logger = logging.getLogger("flora_vllm")
 
 READERS = 4  # adapter reads at a time; a hung disk can hold at most these (calls queue)
+QUEUED = 64  # reader threads alive at most (running or waiting); beyond, a read is a 503 at once
 HEADER_SLACK = 16 * 2**20  # bytes of config and safetensors headers on top of the tensor limit
 T = TypeVar("T")
 
@@ -40,6 +41,7 @@ class CopyStorageError(RuntimeError):
 
 
 _slots = threading.Semaphore(READERS)
+_threads = threading.Semaphore(QUEUED)
 _folder: str | None = None
 _lock = threading.Lock()
 
@@ -79,18 +81,27 @@ def _alive(pid: int) -> bool:
 def _run(call: Future, fn: Callable[..., Any], args: tuple) -> None:
     """Body of a reader thread: wait for one of READERS slots, then run `fn` unless the caller
     gave up meanwhile (a cancelled call never touches the disk)."""
-    with _slots:
-        if not call.set_running_or_notify_cancel():
-            return
-        try:
-            call.set_result(fn(*args))
-        except BaseException as e:
-            call.set_exception(e)
+    try:
+        with _slots:
+            if not call.set_running_or_notify_cancel():
+                return
+            try:
+                call.set_result(fn(*args))
+            except BaseException as e:
+                call.set_exception(e)
+    finally:
+        _threads.release()
 
 
 def _start(fn: Callable[..., Any], *args: Any) -> Future:
     """`fn(*args)` in a daemon thread: a read stuck on a hung disk never holds up the
-    process's exit (a thread pool's workers are joined at exit)."""
+    process's exit (a thread pool's workers are joined at exit). At most QUEUED such threads
+    live: with a hung disk, further reads fail at once instead of piling up threads."""
+    if not _threads.acquire(blocking=False):
+        raise AdapterReadTimeoutError(
+            f"{QUEUED} adapter reads are already waiting on the disk: it is slow or not "
+            "answering; other adapters are served meanwhile, retry later"
+        )
     call: Future = Future()
     threading.Thread(
         target=_run, args=(call, fn, args), name="flora-adapter-read", daemon=True
@@ -172,4 +183,7 @@ def is_copy(path: str) -> bool:
 def discard(copy: str) -> None:
     """Remove a copy (in a reader thread: never on the event loop)."""
     if is_copy(copy):
-        _start(shutil.rmtree, copy, True)
+        try:
+            _start(shutil.rmtree, copy, True)
+        except AdapterReadTimeoutError:  # every reader thread taken: the copy is on our disk
+            shutil.rmtree(copy, ignore_errors=True)

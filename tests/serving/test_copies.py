@@ -123,3 +123,23 @@ def test_reads_queue_for_a_slot_and_a_given_up_read_never_runs(config):
         if t.name == "flora-adapter-read":
             t.join(10)
     assert ran == []
+
+
+def test_a_hung_disk_cannot_pile_up_reader_threads(config, monkeypatch):
+    """With every reader thread alive (running or waiting for a slot), a further read is a
+    503-class error at once, without a new thread; freed threads are taken again."""
+    monkeypatch.setattr(copies, "_threads", threading.Semaphore(copies.READERS + 1))
+    disk = threading.Event()
+    stuck = [copies._start(disk.wait, 30) for _ in range(copies.READERS + 1)]
+    alive = threading.active_count()
+    # not the timeout's message: refused before any wait, and no thread was started for it
+    with pytest.raises(copies.AdapterReadTimeoutError, match="already waiting on the disk"):
+        asyncio.run(copies.off_loop(os.getcwd, what="x"))
+    assert threading.active_count() == alive
+    disk.set()
+    for call in stuck:
+        call.result(10)
+    for t in threading.enumerate():
+        if t.name == "flora-adapter-read":
+            t.join(10)
+    assert asyncio.run(copies.off_loop(os.getcwd, what="x")) == os.getcwd()
