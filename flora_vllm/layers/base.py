@@ -390,6 +390,9 @@ class FLoRALinearMixin:
             _last_ident[:] = [counts, n_slots, ident]
         return _last_ident[2]
 
+    # Inference only: its out= ops refuse autograd, and vLLM 0.29's weights require grad
+    # outside the engine's inference mode (the layer tests call it there).
+    @torch.no_grad()
     def _apply_rank1(
         self,
         x2: torch.Tensor,
