@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from flora_vllm.adapter.config import CONFIG_NAME, FLoRAAdapterError
+from flora_vllm.adapter.config import CONFIG_NAME, FLoRAAdapterError, _read_config
 
 WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's safe_serialization (its default)
 _KEY_RE = re.compile(
@@ -124,8 +124,7 @@ def read_dora(
         NaN/inf in the magnitude or in s).
     """
     try:
-        with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
-            raw = json.load(f)
+        raw = _read_config(adapter_dir)  # never opens a FIFO or device
     except (OSError, ValueError, RecursionError) as e:
         raise FLoRAAdapterError(adapter_dir, [f"{CONFIG_NAME} is not readable JSON: {e}"]) from e
     if not isinstance(raw, dict):

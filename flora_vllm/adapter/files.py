@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 MAX_ENTRIES = 1000  # files and folders in one adapter folder (PEFT writes 2-4)
 MAX_DEPTH = 8  # folder levels below an adapter folder (PEFT writes none)
@@ -38,6 +38,11 @@ def entry_problem(path: str) -> str | None:
         return None
     kind = next((what for test, what in _KINDS if test(mode)), "not a regular file")
     return f"is {kind}, not a regular file"
+
+
+def inside(path: str, roots: Sequence[str]) -> bool:
+    """Whether resolved `path` lies in one of `roots` (resolved too)."""
+    return any(os.path.commonpath([path, root]) == root for root in roots)
 
 
 class FolderLimitError(ValueError):

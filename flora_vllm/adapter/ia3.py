@@ -16,7 +16,6 @@ Runs in: the worker (loading; the API server only copies the folder), tests.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -25,7 +24,7 @@ from collections.abc import Callable, Collection, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
-from flora_vllm.adapter.config import CONFIG_NAME, FLoRAAdapterError
+from flora_vllm.adapter.config import CONFIG_NAME, FLoRAAdapterError, _read_config
 from flora_vllm.adapter.load import FLoRAModuleWeights
 
 PEFT_TYPE_IA3 = "IA3"
@@ -45,8 +44,7 @@ def _matches(spec: object, module: str) -> bool:
 
 def _config(adapter_dir: str) -> tuple[dict, list[str]]:
     """The parsed config and its problems (unsupported options named)."""
-    with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
-        raw = json.load(f)
+    raw = _read_config(adapter_dir)  # never opens a FIFO or device
     problems = []
     for key in ("target_modules", "feedforward_modules"):
         value = raw.get(key)

@@ -23,13 +23,9 @@ import tempfile
 from collections.abc import Sequence
 
 from flora_vllm.adapter.config import FLoRAAdapterError
-from flora_vllm.adapter.files import FolderLimitError, entries, folder_problems
+from flora_vllm.adapter.files import FolderLimitError, entries, folder_problems, inside
 
 CHUNK = 1 << 20  # bytes per read
-
-
-def _inside(path: str, roots: Sequence[str]) -> bool:
-    return not roots or any(os.path.commonpath([path, root]) == root for root in roots)
 
 
 def _copy_file(src: str, dst: str, budget: int) -> int:
@@ -69,7 +65,7 @@ def copy_adapter(src: str, dest_parent: str, limit_bytes: int, roots: Sequence[s
             if os.path.isdir(path):
                 os.makedirs(os.path.join(dest, rel), exist_ok=True)
                 continue
-            if not _inside(os.path.realpath(path), roots):
+            if roots and not inside(os.path.realpath(path), roots):
                 problems.append(f"{rel!r} resolves outside the adapter roots")
                 continue
             try:

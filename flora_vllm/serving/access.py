@@ -19,17 +19,13 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
-from flora_vllm.adapter.files import entries
+from flora_vllm.adapter.files import entries, inside
 
 REFUSED = "outside the allowed adapter roots"  # every refusal says it (tests and clients match)
 
 
 class AdapterPathRefusedError(PermissionError):
     """An adapter path the allowed roots forbid; the API server answers 403."""
-
-
-def _inside(path: str, roots: Sequence[str]) -> bool:
-    return any(os.path.commonpath([path, root]) == root for root in roots)
 
 
 def check_adapter_path(path: str, roots: Sequence[str]) -> None:
@@ -47,13 +43,13 @@ def check_adapter_path(path: str, roots: Sequence[str]) -> None:
     if "://" in path or not (os.path.isabs(local) or os.path.exists(local)):  # vLLM would fetch
         raise AdapterPathRefusedError(f"{where}: only local folders, not hub ids or URLs")
     real = os.path.realpath(local)
-    if not _inside(real, roots):
+    if not inside(real, roots):
         raise AdapterPathRefusedError(f"{where}: it resolves to {real!r}")
     if not os.path.isdir(real):
         return  # inside a root but missing: the loader answers 404 as usual
     for rel, full in entries(real):  # FolderLimitError (a ValueError): too many, too deep
         target = os.path.realpath(full)
-        if not _inside(target, roots):
+        if not inside(target, roots):
             raise AdapterPathRefusedError(f"{where}: {rel!r} links to {target!r}")
 
 
