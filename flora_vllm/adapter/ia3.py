@@ -7,7 +7,8 @@ PEFT's IA3 (`peft_type: "IA3"`, `adapter_model.safetensors` holding
     any other target:                      l ∘ (W0 x + bias)     l: [out, 1] -> a = 1, b = l
 
 which is FLoRA's y = b ∘ (W0 (a ∘ x)) + bias at rank 1, except that a non-feed-forward target
-scales its bias too: such a module with a bias is refused (400) rather than served differently.
+scales its bias too (Qwen2's q/k/v, StarCoder's c_attn): its factors carry `bias_scale = l`, and
+the layer adds (l - 1) ∘ bias to that adapter's tokens.
 The vector is read in the stored shape PEFT's forward uses (flattened), so `fan_in_fan_out`
 changes nothing here. Like FLoRA folders, the header is checked before a tensor is read.
 
@@ -74,14 +75,15 @@ def load_ia3(
     Args:
         adapter_dir: the folder (`adapter_config.json`, `adapter_model.safetensors`).
         module_shapes: module path -> (out, in) of every linear module the server wraps.
-        biased: the module paths among them that add a bias.
+        biased: the module paths among them that add a bias (a non-feed-forward vector scales
+            it too: `bias_scale`).
         dtype: dtype of the returned factors.
         map_name: maps a module path of the file to the model's module name (None = same).
     Returns:
-        module path -> factors (a [1, in], b [out, 1]).
+        module path -> factors (a [1, in], b [out, 1], bias_scale [out] or None).
     Raises:
         FLoRAAdapterError listing every problem (config, unknown or unwrapped module, wrong
-        vector length, NaN/inf, a targeted module without its vector, a scaled bias).
+        vector length, NaN/inf, a targeted module without its vector).
     """
     try:
         raw, problems = _config(adapter_dir)
@@ -138,16 +140,13 @@ def load_ia3(
         if not vec.is_floating_point() or not bool(torch.isfinite(vec).all()):
             problems.append(f"{path}.ia3_l holds NaN, inf or non-float values")
             continue
-        if not ff and path in biased:
-            problems.append(
-                f"{path}: IA3 on a non-feed-forward module scales its bias too "
-                "(l ∘ (W0 x + bias)); modules with a bias are not served yet for IA3"
-            )
-            continue
         l_vec = vec.reshape(1, -1).to(torch.float64)
         a = l_vec if ff else torch.ones(1, in_f, dtype=torch.float64)
         b = torch.ones(out_f, 1, dtype=torch.float64) if ff else l_vec.T
-        result[path] = FLoRAModuleWeights(a.to(dtype).contiguous(), b.to(dtype).contiguous())
+        bias_scale = l_vec[0].to(dtype) if not ff and path in biased else None
+        result[path] = FLoRAModuleWeights(
+            a.to(dtype).contiguous(), b.to(dtype).contiguous(), bias_scale
+        )
     if problems:
         raise FLoRAAdapterError(adapter_dir, problems)
     return result

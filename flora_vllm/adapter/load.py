@@ -27,10 +27,12 @@ from flora_vllm.adapter.config import (
 
 @dataclass
 class FLoRAModuleWeights:
-    """Factors of one adapted linear module: a [r, in], b [out, r] with the scale folded in."""
+    """Factors of one adapted linear module: a [r, in], b [out, r] with the scale folded in;
+    bias_scale [out] (IA3 on a biased non-feed-forward module) scales the bias too."""
 
     a: torch.Tensor
     b: torch.Tensor
+    bias_scale: torch.Tensor | None = None
 
 
 def load_adapter(

@@ -69,9 +69,10 @@ def _with_flora_layer_classes(stock: Any) -> tuple:
 
 
 class FLoRAModelMixin:
-    """Marks a LoRAModel as FLoRA; `flora` maps vLLM module name -> per-slice (a, b) lists."""
+    """Marks a LoRAModel as FLoRA; `flora` maps vLLM module name -> per-slice (a, b,
+    bias_scale) lists (`FLoRALinearMixin.set_flora`'s arguments)."""
 
-    flora: dict[str, tuple[list[torch.Tensor | None], list[torch.Tensor | None]]]
+    flora: dict[str, tuple[list[torch.Tensor | None], ...]]
 
 
 def _flora_model_cls() -> type:
@@ -136,13 +137,13 @@ def _served_dtype(manager: Any, where: dict[str, tuple[str, int, int]]) -> torch
 
 
 def _as_flora_model(lora_id: int, rank: int, weights: dict, where: dict) -> Any:
-    """Per-module factors -> a FLoRAModel whose `flora` holds per-slice (a, b) lists of each
-    wrapped vLLM module (None: that slice is not adapted)."""
-    flora: dict[str, tuple[list, list]] = {}
+    """Per-module factors -> a FLoRAModel whose `flora` holds per-slice (a, b, bias_scale)
+    lists of each wrapped vLLM module (None: that slice is not adapted)."""
+    flora: dict[str, tuple[list, list, list]] = {}
     for sub, w in weights.items():
         name, i, n = where[sub]
-        a_list, b_list = flora.setdefault(name, ([None] * n, [None] * n))
-        a_list[i], b_list[i] = w.a, w.b
+        a_list, b_list, s_list = flora.setdefault(name, ([None] * n, [None] * n, [None] * n))
+        a_list[i], b_list[i], s_list[i] = w.a, w.b, w.bias_scale
     return _flora_model_cls()(lora_id, rank, flora)
 
 

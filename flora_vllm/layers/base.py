@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.config.lora import LoRAConfig
-from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+from vllm.model_executor.layers.linear import RowParallelLinear, UnquantizedLinearMethod
 
 from flora_vllm.config import get_config
 from flora_vllm.hooks.worker_step import (
@@ -180,6 +180,9 @@ class FLoRALinearMixin:
     _b_rows: torch.Tensor  # [max_loras + 1, out] rank row 0 of flora_b, slices side by side
     _flora_version: list[int]  # bumped whenever a slot changes: keys the merged-weight cache
     _flora_uid: int  # this layer in those keys (a counter: id() may recur after a layer dies)
+    _bias_delta: torch.Tensor | None  # [max_loras + 1, out] (l - 1) ∘ bias per slot (IA3), or
+    #   None for a layer without a bias; the identity slot's row stays 0
+    _bias_slots: set[int]  # slots whose bias_delta row is not zero
     _slice_gemms: list[Gemm]  # per output slice: x -> x W_slice^T (vLLM's fast GEMM on CPU)
     _packed_gemm: Gemm  # x -> x W^T for the whole weight (vLLM's packed CPU GEMM)
 
@@ -219,6 +222,11 @@ class FLoRALinearMixin:
         self._flora_tied = [True] * max_loras
         self._flora_version = [0] * max_loras
         self._flora_uid = next(_layer_uids)
+        bias = self.base_layer.bias
+        self._bias_delta = None if bias is None else torch.zeros(
+            max_loras + 1, weight.shape[0], dtype=dt, device=dev
+        )
+        self._bias_slots = set()
         self._slice_gemms = self._build_slice_gemms(weight)
         self._packed_gemm = self._build_packed_gemm(weight)
         self._opaque_key = opaque.register(
@@ -270,6 +278,9 @@ class FLoRALinearMixin:
         self._keep_lora_slots.discard(index)
         self._flora_rank_host[index] = [0] * len(self.output_slices)
         self._flora_tied[index] = True
+        if self._bias_delta is not None:
+            self._bias_delta[index] = 0
+        self._bias_slots.discard(index)
         self._flora_version[index] += 1
         merge_cache().drop(self._flora_uid, index)
 
@@ -278,17 +289,24 @@ class FLoRALinearMixin:
         index: int,
         a: list[torch.Tensor | None],
         b: list[torch.Tensor | None],
+        bias_scale: list[torch.Tensor | None] | None = None,
         keep_lora: bool = False,
     ) -> None:
         """Put one adapter's factors (a [r, in], b [out, r], per slice; None = not adapted)
-        into slot `index`, sharded like vLLM shards LoRA for tensor parallelism. keep_lora:
-        the slot's LoRA weights apply too, on top of the scaled output (DoRA)."""
+        into slot `index`, sharded like vLLM shards LoRA for tensor parallelism. bias_scale:
+        per slice [out] (or None) scaling the layer's bias for this slot's tokens (IA3 on a
+        non-feed-forward module: l ∘ (W0 x + bias)). keep_lora: the slot's LoRA weights apply
+        too, on top of the scaled output (DoRA)."""
         self.reset_flora(index)
+        scales = [None if s is None else s.reshape(-1, 1) for s in bias_scale or [None] * len(b)]
         if self.tp_size > 1:
             if len(self.output_slices) == 1:
                 a, b = [self.slice_lora_a(a[0])], [self.slice_lora_b(b[0])]
+                scales = [None if scales[0] is None else self.slice_lora_b(scales[0])]
             else:
                 a, b = self.slice_lora_a(a), self.slice_lora_b(b)
+                scales = self.slice_lora_b(scales)
+        self._set_bias_scale(index, scales)
         for i, (a_i, b_i) in enumerate(zip(a, b, strict=True)):
             if a_i is None or b_i is None:
                 continue
@@ -306,13 +324,53 @@ class FLoRALinearMixin:
             (rows == rows[:1]).all()
         )
 
+    def _set_bias_scale(self, index: int, scales: list[torch.Tensor | None]) -> None:
+        """Slot `index` adds (l - 1) ∘ bias to its tokens' outputs, per slice with a scaling l
+        ([out_slice, 1], this rank's rows), so they get l ∘ bias. A row-parallel layer adds its
+        bias once, after the all-reduce: only rank 0 holds the term there."""
+        if all(s is None for s in scales):
+            return
+        bias = self.base_layer.bias
+        if bias is None:
+            raise ValueError(f"{self.base_layer.prefix} has no bias to scale")
+        if isinstance(self.base_layer, RowParallelLinear) and self.tp_rank > 0:
+            return
+        delta = self._bias_delta
+        for start, size, s in zip(_starts(self.output_slices), self.output_slices, scales,
+                                  strict=True):
+            if s is not None:
+                delta[index, start : start + size] = (s[:, 0].float() - 1) * bias[
+                    start : start + size
+                ].float()
+        self._bias_slots.add(index)
+
+    def _add_bias_delta(
+        self, output: torch.Tensor, counts: list[int] | None, present: list[int]
+    ) -> torch.Tensor:
+        """output += this pass's slots' (l - 1) ∘ bias rows (IA3's scaled bias); counts None:
+        under CUDA-graph capture, always (the device slots decide, no host branch)."""
+        delta = self._bias_delta
+        if counts is None:
+            slots = slots_buffer(self.punica_wrapper)[: output.shape[0]]
+            return output.add_(delta[torch.remainder(slots, delta.shape[0])])
+        if not any(s in self._bias_slots for s in present):
+            return output
+        n_tok = output.shape[0]
+        if len(present) == 1 and counts[present[0] + 1] == n_tok:
+            return output.add_(delta[present[0]])
+        rows = _gather_rows("d", delta, 0, self._identity_slots(counts, n_tok))  # [T, out]
+        return output.add_(rows)
+
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque node; its body runs this method eagerly
             return opaque.call(self._opaque_key, x, bias)
         x2 = x.flatten(0, -2) if x.ndim == 3 else x  # [T, in]
         fused = _runs_fused(x2)
         if fused and _in_graph(x2):  # CUDA graph capture: no host-side branch, the kernel decides
-            output = lora_on_output(self, x2, self._apply_fused(x2, bias))
+            output = self._apply_fused(x2, bias)
+            if self._bias_delta is not None:
+                output = self._add_bias_delta(output, None, [])
+            output = lora_on_output(self, x2, output)
             return output.reshape(*x.shape[:-1], output.shape[-1])
         counts = self.step_counts(x2.shape[0])
         active = _active_slots(counts)
@@ -326,6 +384,8 @@ class FLoRALinearMixin:
             output = self._apply_fused(x2, bias)
         else:
             output = self._apply_torch(x2, bias, counts, present)
+        if present and self._bias_slots:
+            output = self._add_bias_delta(output, counts, present)
         if lora_tokens:  # punica adds LoRA for LoRA and DoRA slots (FLoRA's hold zero weights)
             output = lora_on_output(self, x2, output)
         return output.reshape(*x.shape[:-1], output.shape[-1])

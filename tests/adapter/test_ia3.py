@@ -99,22 +99,35 @@ def test_every_problem_is_named(llama, tmp_path):
     assert "4 problem(s)" in text
 
 
-def test_non_feedforward_target_with_a_bias_is_refused(tmp_path):
-    """Qwen2's k/v carry biases: PEFT's IA3 scales them too (l ∘ (W0 x + bias)); refused with
-    the reason rather than served as another model. Feed-forward targets keep their bias."""
+def test_non_feedforward_target_with_a_bias_scales_the_bias(tmp_path):
+    """Qwen2's k/v carry biases: PEFT's IA3 scales them too (l ∘ (W0 x + bias)); the factors
+    carry `bias_scale = l` there, and b ∘ (W0 (a ∘ x)) + bias_scale ∘ bias equals PEFT's layer.
+    Feed-forward targets keep their bias unscaled (no bias_scale)."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = build_llama_family(str(tmp_path / "qwen2"), "qwen2")
     folder = make_ia3_adapter(base, str(tmp_path / "ia3"), TARGETS, FEEDFORWARD, seed=6)
-    model = AutoModelForCausalLM.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
     shapes = linear_shapes(model, LLAMA_TARGETS)
     biased = {p for p, m in model.named_modules() if p in shapes and m.bias is not None}
     assert any("k_proj" in p for p in biased)
-    with pytest.raises(FLoRAAdapterError, match="scales its bias too") as e:
-        load_ia3(folder, shapes, biased)
-    assert "down_proj" not in str(e.value)  # feed-forward: bias unchanged, served
-    ff_only = make_ia3_adapter(base, str(tmp_path / "ff"), FEEDFORWARD, FEEDFORWARD, seed=7)
-    assert load_ia3(ff_only, shapes, biased)
+    weights = load_ia3(folder, shapes, biased)
+    scaled = {p for p, w in weights.items() if w.bias_scale is not None}
+    assert scaled and scaled == {p for p in weights if p in biased and "_proj" in p} - {
+        p for p in weights if p.endswith(FEEDFORWARD)
+    }
+    modules = dict(PeftModel.from_pretrained(model, folder).eval().base_model.model.named_modules())
+    x = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    for path in scaled:
+        layer, w = modules[path], weights[path]
+        base_layer = layer.get_base_layer()
+        with torch.no_grad():
+            want = layer(x)
+            got = (x * w.a[0]) @ base_layer.weight.T * w.b[:, 0] + w.bias_scale * base_layer.bias
+            unscaled = got - (w.bias_scale - 1) * base_layer.bias
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert float((unscaled - want).abs().max()) > 1e-4  # the bias scaling matters here
 
 
 def test_config_options_not_served_are_named(llama, tmp_path):

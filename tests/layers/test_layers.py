@@ -201,9 +201,20 @@ class Adapter:
     a: list[torch.Tensor | None]
     b: list[torch.Tensor | None]
     s: list[torch.Tensor | None] | None = None  # dora: [out] per slice (b's rows already × s)
+    bias_scale: list[torch.Tensor | None] | None = None  # flora: [out] per slice scales the bias
 
 
-def _flora(fam: Family, r: int, gen: torch.Generator, skip: int | None = None) -> Adapter:
+def _ia3(fam: Family, gen: torch.Generator) -> Adapter:
+    """IA3 on a non-feed-forward module: rank 1 with a = 1, b = l, and l scales the bias too."""
+    ls = [1 + 0.3 * torch.randn(out, generator=gen) for out in fam.slices]
+    a = [torch.ones(1, fam.in_size) for _ in fam.slices]
+    return Adapter("flora", a, [l_i[:, None] for l_i in ls], bias_scale=ls)
+
+
+def _flora(
+    fam: Family, r: int, gen: torch.Generator, skip: int | None = None, scale_bias: bool = False
+) -> Adapter:
+    """scale_bias: the adapted slices scale the bias too (`set_flora`'s bias_scale)."""
     a: list[torch.Tensor | None] = []
     b: list[torch.Tensor | None] = []
     for i, out in enumerate(fam.slices):
@@ -213,7 +224,11 @@ def _flora(fam: Family, r: int, gen: torch.Generator, skip: int | None = None) -
             continue
         a.append(1 + 0.3 * torch.randn(r, fam.in_size, generator=gen))
         b.append((1 + 0.3 * torch.randn(out, r, generator=gen)) * (ALPHA / r))
-    return Adapter("flora", a, b)
+    scales = None
+    if scale_bias:
+        scales = [None if b_i is None else 1 + 0.3 * torch.randn(b_i.shape[0], generator=gen)
+                  for b_i in b]
+    return Adapter("flora", a, b, bias_scale=scales)
 
 
 def _lora(fam: Family, r: int, gen: torch.Generator) -> Adapter:
@@ -250,7 +265,10 @@ def dense_reference(
             if ad is not None and ad.a[i] is not None:
                 a_i, b_i = ad.a[i].double(), ad.b[i].double()
                 if ad.kind == "flora":
-                    y = x[t] @ (w * (b_i @ a_i)).T + bias[start : start + size]
+                    bias_i = bias[start : start + size]
+                    if ad.bias_scale is not None and ad.bias_scale[i] is not None:
+                        bias_i = bias_i * ad.bias_scale[i].double()
+                    y = x[t] @ (w * (b_i @ a_i)).T + bias_i
                 elif ad.kind == "dora":  # s ∘ (W0 x) + bias + B' A x, B' = s ∘ B
                     y = (x[t] @ w.T) * ad.s[i].double() + bias[start : start + size]
                     y = y + (x[t] @ a_i.T) @ b_i.T
@@ -380,7 +398,7 @@ def fill(layer: torch.nn.Module, slot: int, adapter: Adapter | None) -> None:
         if adapter is None:
             layer.reset_flora(slot)
         else:
-            layer.set_flora(slot, adapter.a, adapter.b)
+            layer.set_flora(slot, adapter.a, adapter.b, adapter.bias_scale)
         return
     if layer.n_slices == 1:
         layer.set_lora(slot, adapter.a[0], adapter.b[0])
@@ -501,7 +519,7 @@ def test_mixed_batch_matches_dense_per_token_and_slice(
     last = len(fam.slices) - 1 if len(fam.slices) > 1 else None  # a packed layer: one slice bare
     adapters: dict[int, Adapter] = {
         0: _flora(fam, 1, gen),
-        1: _flora(fam, 3, gen),
+        1: _flora(fam, 3, gen, scale_bias=True),  # higher rank with a scaled bias
         2: _lora(fam, 4, gen),
         3: _flora(fam, 2, gen, skip=last),
     }
@@ -529,13 +547,18 @@ def test_mixed_batch_matches_dense_per_token_and_slice(
         {
             1: _flora(fam, 2, gen),  # same slot, other factors and rank
             3: _flora(fam, 1, gen, skip=first),  # rank 1 now; another slice bare (packed layers)
-            0: _lora(fam, 2, gen),  # FLoRA slot -> LoRA
+            0: _ia3(fam, gen),  # rank 1, one input scaling, the bias scaled (IA3, not ff)
             2: _flora(fam, 4, gen),  # LoRA slot -> FLoRA
         }
     )
     for slot in (1, 3, 0, 2):
         fill(layer, slot, adapters[slot])
     run(mixed, True, "refilled slots")
+    run({0: 6}, False, "refilled: one IA3 adapter only (decode)")
+    run({-1: 2, 0: 3, 3: 4}, False, "refilled: rank-1 FLoRA and IA3 (decode)")
+    adapters[0] = _lora(fam, 2, gen)  # IA3 slot -> LoRA: no scaled bias left behind
+    fill(layer, 0, adapters[0])
+    run(mixed, True, "slot 0 refilled with LoRA")
     run({-1: 2, 0: 3, 3: 4}, False, "refilled: rank-1 FLoRA + LoRA (decode)")
     run({-1: 2, 1: 3, 2: 1}, False, "refilled: FLoRA only (decode)")
 
@@ -618,8 +641,8 @@ def test_tp2_shards_recombine_to_unsharded_output(
     weight, bias = _random_layer(fam, gen)
     last = len(fam.slices) - 1 if len(fam.slices) > 1 else None
     adapters = {
-        0: _flora(fam, 1, gen),
-        1: _flora(fam, 3, gen),
+        0: _ia3(fam, gen),  # the bias scaled: rank 0 of a row layer only, every column shard
+        1: _flora(fam, 3, gen, scale_bias=True),
         2: _lora(fam, 4, gen),
         3: _flora(fam, 2, gen, skip=last),
     }

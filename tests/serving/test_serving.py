@@ -149,6 +149,31 @@ def test_peft_dora_in_a_mixed_batch_with_ia3_flora_lora_and_base(
             http.post("/v1/unload_lora_adapter", json={"lora_name": name})
 
 
+@pytest.mark.parametrize(
+    ("arch", "targets", "feedforward"),
+    [
+        ("qwen2", ("q_proj", "k_proj", "v_proj", "down_proj"), ("down_proj",)),
+        ("starcoder", ("c_attn", "c_proj", "c_fc"), ("c_fc",)),
+    ],
+)
+def test_peft_ia3_scales_the_bias_of_biased_modules(arch, targets, feedforward, tmp_path):
+    """IA3 on biased non-feed-forward modules (Qwen2's q/k/v, StarCoder's c_attn and c_proj)
+    scales the bias too, l ∘ (W0 x + bias): a PEFT IA3 adapter loaded at runtime, in one
+    concurrent batch with FLoRA, LoRA and base, answers as PEFT's own layers do."""
+    import httpx
+
+    from flora_vllm.testing.tiny import build_demo_set, make_ia3_adapter
+
+    paths = build_demo_set(str(tmp_path / arch), arch)
+    paths["ia3"] = make_ia3_adapter(paths["base"], str(tmp_path / "ia3"), targets, feedforward,
+                                    seed=24)
+    with serve(paths, len(ADAPTERS), str(tmp_path / "server.log")) as server:
+        http = httpx.Client(base_url=server.url, timeout=300)
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "ia3", "lora_path": paths["ia3"]})
+        assert r.status_code == 200, r.text
+        run_mixed_batch(server, paths, ("flora-r1", "lora-r8", "ia3", "flora-r4"))
+
+
 def test_llama_mixed_batch_eager(model_sets, tmp_path):
     """vLLM's own choice with LoRA on the CPU (no compilation) stays correct: FLORA_COMPILE=0."""
     env = {"FLORA_COMPILE": "0"}
