@@ -26,7 +26,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -46,17 +46,30 @@ _OTHER_VARIANTS = ("alora_invocation_tokens", "arrow_config", "kasa_config", "mo
 
 
 @dataclass
+class DoRAModule:
+    """One DoRA module as the file holds it: a [r, in], b [out, r], PEFT's scaling, m [out]."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    magnitude: torch.Tensor
+
+
+@dataclass
 class DoRAAdapter:
     """A DoRA folder split into what serves it.
 
     lora_config: the adapter config as a plain LoRA (`use_dora` false), for vLLM's loader.
     lora_tensors: the file's LoRA tensors, magnitudes removed (names as PEFT saved them).
-    scales: model module path -> s [out] (fp32), the per-output scaling of that module.
+    modules: model module path -> its factors and magnitude.
+    scales: model module path -> s [out] (fp32), the per-output scaling of that module (set by
+        `with_scales` once the row norms are known).
     """
 
     lora_config: dict
     lora_tensors: dict[str, torch.Tensor]
-    scales: dict[str, torch.Tensor]
+    modules: dict[str, DoRAModule]
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _pattern_value(pattern: object, module: str, default: float) -> float:
@@ -109,7 +122,7 @@ def read_dora(
     base_weights: Mapping[str, torch.Tensor],
     map_name: Callable[[str], str | None] | None = None,
 ) -> DoRAAdapter:
-    """Read a PEFT DoRA folder and compute each module's output scaling s.
+    """Read a PEFT DoRA folder and compute each module's output scaling s from whole rows.
 
     Args:
         adapter_dir: the folder (`adapter_config.json`, `adapter_model.safetensors`).
@@ -119,9 +132,30 @@ def read_dora(
     Returns:
         the plain LoRA config and tensors, and s per adapted module (model paths).
     Raises:
+        FLoRAAdapterError listing every problem (see `parse_dora`, `with_scales`).
+    """
+    shapes = {p: (w.shape[0], w.shape[1]) for p, w in base_weights.items()}
+    dora = parse_dora(adapter_dir, shapes, map_name)
+    norms = {p: row_norms_sq(m, base_weights[p]) for p, m in dora.modules.items()}
+    return with_scales(adapter_dir, dora, norms)
+
+
+def parse_dora(
+    adapter_dir: str,
+    module_shapes: Mapping[str, tuple[int, int]],
+    map_name: Callable[[str], str | None] | None = None,
+) -> DoRAAdapter:
+    """Read and check a PEFT DoRA folder, without the base weights (s is not computed yet).
+
+    Args:
+        adapter_dir: the folder (`adapter_config.json`, `adapter_model.safetensors`).
+        module_shapes: module path -> (out, in) (unsharded) of every linear module the server
+            wraps.
+        map_name: maps a module path of the file to the model's module name (None = same).
+    Raises:
         FLoRAAdapterError listing every problem (config options not served, DoRA on a module not
         served, a module without its magnitude or a magnitude without its module, wrong lengths,
-        NaN/inf in the magnitude or in s).
+        NaN/inf in the magnitude).
     """
     try:
         raw = _read_config(adapter_dir)  # never opens a FIFO or device
@@ -150,7 +184,7 @@ def read_dora(
                 peft_path[path] = m["path"]
                 if m["kind"] == "lora_magnitude_vector":
                     shape = f.get_slice(key).get_shape()
-                    out_f = base_weights[path].shape[0] if path in base_weights else None
+                    out_f = module_shapes[path][0] if path in module_shapes else None
                     if out_f is not None and math.prod(shape) != out_f:
                         problems.append(
                             f"{key} has shape {list(shape)}, expected {out_f} values (one per "
@@ -162,12 +196,12 @@ def read_dora(
         problems.append(f"{WEIGHTS_NAME} is not a readable safetensors file: {e}")
         raise FLoRAAdapterError(adapter_dir, problems) from e
     r, alpha = raw["r"], raw["lora_alpha"]
-    scales: dict[str, torch.Tensor] = {}
+    modules: dict[str, DoRAModule] = {}
     for path, found in sorted(parts.items()):
         if any(k.startswith("lora_embedding") for k in found):
             problems.append(f"DoRA on embeddings ({path!r}) is not served")
             continue
-        if path not in base_weights:
+        if path not in module_shapes:
             problems.append(
                 f"DoRA on module {path!r} is not served: this server wraps only the adaptable "
                 "linear modules"
@@ -185,13 +219,11 @@ def read_dora(
             continue  # wrong length, named above
         mag = tensors.pop(mag_key)
         a, b = tensors[found["lora_A"]], tensors[found["lora_B"]]
-        w0 = base_weights[path]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != w0.shape[1] or b.shape != (
-            w0.shape[0], a.shape[0]
-        ):
+        out_f, in_f = module_shapes[path]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_f or b.shape != (out_f, a.shape[0]):
             problems.append(
                 f"{path}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit W0 "
-                f"{list(w0.shape)}"
+                f"{[out_f, in_f]}"
             )
             continue
         if not mag.is_floating_point() or not bool(torch.isfinite(mag).all()):
@@ -200,20 +232,50 @@ def read_dora(
         rank = _pattern_value(raw.get("rank_pattern"), peft_path[path], r)
         alpha_m = _pattern_value(raw.get("alpha_pattern"), peft_path[path], alpha)
         scaling = alpha_m / (math.sqrt(rank) if raw.get("use_rslora") else rank)
-        weight = w0.float() + scaling * (b.float() @ a.float())  # [out, in], PEFT's W0 + s·BA
-        s = mag.reshape(-1).float() / torch.linalg.norm(weight, dim=1)
+        modules[path] = DoRAModule(a, b, scaling, mag.reshape(-1).float())
+    if not modules and not problems:
+        problems.append("no module has DoRA weights (lora_A, lora_B, lora_magnitude_vector)")
+    if problems:
+        raise FLoRAAdapterError(adapter_dir, problems)
+    return DoRAAdapter({**raw, "use_dora": False}, tensors, modules)
+
+
+def row_norms_sq(
+    module: DoRAModule,
+    w0: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ_j (W0 + scaling · B A)²_ij in fp64 for the rows `rows` of the whole weight, over its
+    columns `cols` (None: all), where w0 [len(rows), len(cols)] holds exactly those entries (a
+    tensor-parallel shard); the squares of the other columns are another worker's part."""
+    b = module.b if rows is None else module.b[rows]
+    a = module.a if cols is None else module.a[:, cols]
+    weight = w0.float() + module.scaling * (b.float() @ a.float())  # PEFT's W0 + scaling·BA
+    return weight.square().sum(dim=1, dtype=torch.float64)
+
+
+def with_scales(
+    adapter_dir: str, dora: DoRAAdapter, norms_sq: Mapping[str, torch.Tensor]
+) -> DoRAAdapter:
+    """Set s = m / ||W0 + scaling·BA|| (fp32) per module from its whole-row squared norms.
+
+    Raises:
+        FLoRAAdapterError naming each module whose s is not finite (a zero or overflowing row).
+    """
+    problems = []
+    for path, module in dora.modules.items():
+        s = (module.magnitude.double() / norms_sq[path].sqrt()).float()
         if not bool(torch.isfinite(s).all()):
             problems.append(
                 f"{path}: m / ||W0 + scaling·BA|| is not finite (a row of W0 + scaling·BA is "
                 "zero or overflows)"
             )
             continue
-        scales[path] = s
-    if not scales and not problems:
-        problems.append("no module has DoRA weights (lora_A, lora_B, lora_magnitude_vector)")
+        dora.scales[path] = s
     if problems:
         raise FLoRAAdapterError(adapter_dir, problems)
-    return DoRAAdapter({**raw, "use_dora": False}, tensors, scales)
+    return dora
 
 
 def write_plain_lora(adapter: DoRAAdapter, out_dir: str) -> str:

@@ -99,6 +99,7 @@ HOOKS: tuple[Hook, ...] = (
     Hook("vllm.utils.gpu_sync_debug", "gpu_sync_allowed"),  # read
     Hook("vllm.model_executor.models.utils", "WeightsMapper._map_name"),  # read: key names
     Hook("vllm.v1.worker.worker_base", "WorkerWrapperBase.__getattr__"),  # RPC reaches worker
+    Hook("vllm.distributed.parallel_state", "get_tp_group"),  # called: DoRA's row norms
     # worker: the step (worker_step.py)
     *(Hook(m, op, "worker_step:_skip_unadapted_tokens")
       for m in (_LORA_OPS, _PUNICA_CPU)

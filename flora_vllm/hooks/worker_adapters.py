@@ -47,7 +47,14 @@ from flora_vllm.adapter import (
     load_adapter,
     peft_type_and_problem,
 )
-from flora_vllm.adapter.dora import read_dora, write_plain_lora
+from flora_vllm.adapter.dora import (
+    DoRAAdapter,
+    parse_dora,
+    read_dora,
+    row_norms_sq,
+    with_scales,
+    write_plain_lora,
+)
 from flora_vllm.adapter.ia3 import PEFT_TYPE_IA3, load_ia3
 from flora_vllm.adapter.lora import lora_problems
 from flora_vllm.config import get_config
@@ -193,23 +200,89 @@ def _base_weights(manager: Any, where: dict[str, tuple[str, int, int]]) -> dict[
     return weights
 
 
+def _tp_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over this worker's tensor-parallel group, on its CPU (gloo) group: every rank
+    loads an adapter in the same step (vLLM broadcasts the step), so every rank calls this."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    torch.distributed.all_reduce(t, group=get_tp_group().cpu_group)
+    return t
+
+
+def _shard_index(module: Any, i: int, n: int, out_f: int, in_f: int) -> tuple[torch.Tensor, ...]:
+    """The rows and columns of slice i's whole weight that this rank's shard holds, in its
+    order: vLLM's own `slice_lora_b` / `slice_lora_a` applied to index vectors."""
+    rows = torch.arange(out_f, dtype=torch.float64)[:, None]
+    cols = torch.arange(in_f, dtype=torch.float64)[None, :]
+    if n == 1:
+        rows, cols = module.slice_lora_b(rows), module.slice_lora_a(cols)
+    else:
+        rows = module.slice_lora_b([rows if j == i else None for j in range(n)])[i]
+        cols = module.slice_lora_a([cols if j == i else None for j in range(n)])[i]
+    return rows[:, 0].long(), cols[0].long()
+
+
+def _dora_tp(label: str, read: Callable[[], DoRAAdapter], manager: Any, where: dict,
+             shapes: dict) -> DoRAAdapter:
+    """DoRA under tensor parallelism: each rank sums the squares of its shard's part of every
+    row (its rows, its columns), the ranks add them up (`_tp_sum`), and replicated shards (kv
+    heads when ranks outnumber them) count once. Every rank calls `_tp_sum` exactly twice,
+    whatever fails: a rank that cannot read the folder must not leave the others waiting."""
+    error: BaseException | None = None
+    try:
+        dora = read()
+    except Exception as e:  # raised below, after the others heard of it
+        error = e
+    if float(_tp_sum(torch.tensor([float(error is not None)], dtype=torch.float64))[0]) > 0:
+        raise error or FLoRAAdapterError(label, ["another tensor-parallel worker could not read "
+                                                 "this adapter (see its log)"])
+    base = _base_weights(manager, where)
+    paths = sorted(dora.modules)
+    parts, fracs = [], []
+    for path in paths:
+        name, i, n = where[path]
+        out_f, in_f = shapes[path]
+        rows, cols = _shard_index(manager.modules[name], i, n, out_f, in_f)
+        if base[path].shape != (len(rows), len(cols)):
+            raise FLoRAAdapterError(label, [
+                f"{path}: this worker's shard of W0 is {list(base[path].shape)}, but vLLM's "
+                f"slicing gives {len(rows)} rows x {len(cols)} columns"
+            ])
+        part = torch.zeros(out_f, dtype=torch.float64)
+        part[rows] = row_norms_sq(dora.modules[path], base[path], rows, cols)
+        frac = torch.zeros(out_f, dtype=torch.float64)
+        frac[rows] = len(cols) / in_f  # a rank holding whole rows counts 1 for each of them
+        parts.append(part)
+        fracs.append(frac)
+    total = _tp_sum(torch.cat(parts + fracs))
+    sizes = [shapes[p][0] for p in paths]
+    sums, counts = total.split([sum(sizes)] * 2)
+    norms = dict(zip(paths, (sums / counts).split(sizes), strict=True))
+    return with_scales(label, dora, norms)
+
+
 def _load_dora(worker_manager: Any, lora_request: Any, lora_path: str, orig: Callable) -> Any:
     """A PEFT DoRA folder (`adapter.dora`): vLLM's own loader reads its LoRA part from a plain
     LoRA copy (vLLM refuses DoRA), each module's B rows are scaled by s, and s rides along as
-    rank-1 FLoRA output factors (`flora`: a = 1, b = s) that the slot applies with the LoRA."""
+    rank-1 FLoRA output factors (`flora`: a = 1, b = s) that the slot applies with the LoRA.
+    Under tensor parallelism s comes from every rank's shard (`_dora_tp`)."""
     import msgspec
 
     label = f"'{lora_request.lora_name}' ({lora_request.lora_path})"
     manager = worker_manager._adapter_manager
     shapes, where = flora_module_index(manager)
+    names = _file_names_to_model(manager)
     tp = max((getattr(manager.modules[n], "tp_size", 1) for n, _, _ in where.values()), default=1)
-    if tp > 1:  # the norms need whole rows of W0; a worker holds a shard
-        raise FLoRAAdapterError(label, [
-            f"DoRA is not served with tensor parallelism yet (tensor_parallel_size {tp}): "
-            "serve it on one worker, or merge it"
-        ])
-    _check_lora_header(worker_manager, label, lora_path)
-    dora = read_dora(lora_path, _base_weights(manager, where), _file_names_to_model(manager))
+
+    def read() -> DoRAAdapter:
+        _check_lora_header(worker_manager, label, lora_path)
+        return parse_dora(lora_path, shapes, names)
+
+    if tp > 1:
+        dora = _dora_tp(label, read, manager, where, shapes)
+    else:
+        _check_lora_header(worker_manager, label, lora_path)
+        dora = read_dora(lora_path, _base_weights(manager, where), names)
     with tempfile.TemporaryDirectory(prefix="flora-dora-") as plain:
         write_plain_lora(dora, plain)
         try:

@@ -214,14 +214,37 @@ def test_mixed_batch(arch, max_loras, execution, model_sets, tmp_path):
         run_mixed_batch(server, model_sets[arch])
 
 
+_PEFT_TARGETS = {  # DoRA targets, IA3 targets, IA3 feed-forward targets
+    "llama": (("q_proj", "v_proj", "o_proj", "down_proj"), ("k_proj", "v_proj", "down_proj"),
+              ("down_proj",)),
+    "starcoder": (("c_attn", "c_proj", "c_fc"), ("c_attn", "c_fc"), ("c_fc",)),
+}
+
+
 @pytest.mark.parametrize("arch", ["llama", "starcoder"])
 def test_mixed_batch_tensor_parallel_2(arch, model_sets, tmp_path):
     """Tensor parallel 2 (two CPU ranks, one core each by `flora-vllm serve`'s default binding):
     every layer family sharded (column, row, packed qkv / gate_up, StarCoder's multi-query
-    c_attn with its one k/v head replicated) answers the mixed batch like the dense oracle."""
+    c_attn with its one k/v head replicated) answers the mixed batch like the dense oracle,
+    PEFT DoRA (its row norms summed over the two ranks' shards) and IA3 included."""
+    import httpx
+
+    from flora_vllm.testing.tiny import make_dora_adapter, make_ia3_adapter
+
+    paths = dict(model_sets[arch])
+    dora_targets, ia3_targets, feedforward = _PEFT_TARGETS[arch]
+    paths["dora"] = make_dora_adapter(paths["base"], str(tmp_path / "dora"), 4, dora_targets,
+                                      seed=25)
+    paths["ia3"] = make_ia3_adapter(paths["base"], str(tmp_path / "ia3"), ia3_targets,
+                                    feedforward, seed=26)
     extra = ["--tensor-parallel-size", "2"]
-    with serve(model_sets[arch], len(ADAPTERS), str(tmp_path / "server.log"), extra) as server:
-        run_mixed_batch(server, model_sets[arch])
+    with serve(paths, len(ADAPTERS), str(tmp_path / "server.log"), extra) as server:
+        http = httpx.Client(base_url=server.url, timeout=300)
+        for name in ("dora", "ia3"):
+            r = http.post("/v1/load_lora_adapter",
+                          json={"lora_name": name, "lora_path": paths[name]})
+            assert r.status_code == 200, r.text
+        run_mixed_batch(server, paths, ("flora-r1", "flora-r4", "lora-r8", "dora", "ia3"))
         with open(server.log_path) as f:
             assert "world_size=2" in f.read().replace(" ", "")
 
