@@ -249,17 +249,92 @@ def test_worker_scales_lora_rows_and_arranges_output_factors_per_slice(llama):
                 torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_worker_refuses_dora_under_tensor_parallelism(llama):
-    """A TP worker holds shards of W0: the norms need whole rows, so DoRA is a 400 naming it."""
-    from transformers import AutoModelForCausalLM
-    from vllm.lora.request import LoRARequest
+def _tp_worker(model: torch.nn.Module, rank: int) -> SimpleNamespace:
+    """Rank `rank` of 2 as `_dora_tp` sees it: q, gate and up rows split in halves, k and v
+    whole on both ranks (kv heads replicated, as when ranks outnumber them), o and down split
+    by input columns; each layer's `slice_lora_b` / `slice_lora_a` select those rows and
+    columns, and its base weight holds exactly them."""
+    worker = _worker(model, tp_size=2)
+    for name, layer in worker._adapter_manager.modules.items():
+        row = name.endswith(("o_proj", "down_proj"))
+        kinds = PACKED[name.rsplit(".", 1)[-1]]
+        full = layer.base_layer.weight.split(layer.output_slices)
+        rows = []
+        for kind, w in zip(kinds, full, strict=True):
+            n = w.shape[0]
+            whole = row or kind in ("k_proj", "v_proj")
+            rows.append(slice(None) if whole else slice(rank * n // 2, (rank + 1) * n // 2))
+        cols = slice(rank * full[0].shape[1] // 2, (rank + 1) * full[0].shape[1] // 2)
+        cols = cols if row else slice(None)
+        shards = [w[r][:, cols] for w, r in zip(full, rows, strict=True)]
+        layer.output_slices = tuple(w.shape[0] for w in shards)
+        layer.base_layer = SimpleNamespace(weight=torch.cat(shards))
+        if len(kinds) == 1:
+            layer.slice_lora_b = lambda b, r=rows[0]: b[r]
+            layer.slice_lora_a = lambda a, c=cols: a[:, c]
+        else:
+            layer.slice_lora_b = lambda bs, rs=rows: [
+                None if b is None else b[r] for b, r in zip(bs, rs, strict=True)
+            ]
+            layer.slice_lora_a = lambda a_s: a_s  # column layers: whole inputs
+    return worker
 
-    from flora_vllm.hooks.worker_adapters import _load_dora
+
+def test_worker_row_norms_under_tensor_parallelism_equal_whole_rows(llama, monkeypatch):
+    """Two tensor-parallel ranks (threads; the group's sum meets at a barrier): each sums its
+    shard's squares, the sum over ranks with replicated rows counted once gives every module
+    the s of the whole weight; a rank that cannot read the folder makes both refuse, neither
+    waits forever."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoModelForCausalLM
+
+    from flora_vllm.adapter.dora import parse_dora
+    from flora_vllm.hooks import worker_adapters as wa
 
     base, folders = llama
-    worker = _worker(AutoModelForCausalLM.from_pretrained(base), tp_size=2)
-    with pytest.raises(FLoRAAdapterError, match="not served with tensor parallelism"):
-        _load_dora(worker, LoRARequest("d", 3, folders["plain"]), folders["plain"], None)
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    want = read_dora(folders["rslora-patterns"], _base_weights(model)).scales
+    barrier, sums = threading.Barrier(2, timeout=60), {}
+    calls = threading.local()
+
+    def tp_sum(t: torch.Tensor) -> torch.Tensor:
+        k = calls.n = getattr(calls, "n", 0) + 1
+        sums.setdefault(k, []).append(t.clone())
+        barrier.wait()
+        t.copy_(sum(sums[k]))
+        barrier.wait()
+        return t
+
+    monkeypatch.setattr(wa, "_tp_sum", tp_sum)
+
+    def rank(r: int, folder: str, fail: bool = False):
+        calls.n = 0
+        worker = _tp_worker(model, r)
+        shapes, where = wa.flora_module_index(worker._adapter_manager)
+
+        def read():
+            if fail:
+                raise FLoRAAdapterError("x", ["this rank's read failed"])
+            return parse_dora(folder, shapes)
+
+        try:
+            return wa._dora_tp("'d'", read, worker._adapter_manager, where, shapes).scales
+        except FLoRAAdapterError as e:
+            return e
+
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(rank, (0, 1), [folders["rslora-patterns"]] * 2))
+    for scales in got:
+        assert scales.keys() == want.keys()
+        for path, s in want.items():
+            torch.testing.assert_close(scales[path], s, rtol=1e-6, atol=1e-7)
+    sums.clear()
+    with ThreadPoolExecutor(2) as pool:
+        errors = list(pool.map(rank, (0, 1), [folders["plain"]] * 2, (False, True)))
+    assert "this rank's read failed" in str(errors[1])
+    assert "another tensor-parallel worker could not read" in str(errors[0])
 
 
 def test_vllm_refusals_of_the_lora_part_name_the_folder_not_the_copy(llama, tmp_path):
