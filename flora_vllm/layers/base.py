@@ -176,6 +176,7 @@ class FLoRALinearMixin:
     _keep_lora_slots: set[int]  # those among them whose LoRA weights apply too (DoRA)
     _flora_rank_host: list[list[int]]  # flora_ranks mirrored on the host, for planning
     _flora_tied: list[bool]  # per slot: rank <= 1 and one input scaling for every slice
+    _flora_a_one: list[bool]  # per slot: tied, and that input scaling is 1 (IA3 on outputs, DoRA)
     _a_rows: torch.Tensor  # [n_slices, max_loras + 1, in] rank row 0 of flora_a (a view)
     _b_rows: torch.Tensor  # [max_loras + 1, out] rank row 0 of flora_b, slices side by side
     _flora_version: list[int]  # bumped whenever a slot changes: keys the merged-weight cache
@@ -220,6 +221,7 @@ class FLoRALinearMixin:
         self._keep_lora_slots = set()
         self._flora_rank_host = [[0] * n_slices for _ in range(max_loras)]
         self._flora_tied = [True] * max_loras
+        self._flora_a_one = [True] * max_loras
         self._flora_version = [0] * max_loras
         self._flora_uid = next(_layer_uids)
         bias = self.base_layer.bias
@@ -278,6 +280,7 @@ class FLoRALinearMixin:
         self._keep_lora_slots.discard(index)
         self._flora_rank_host[index] = [0] * len(self.output_slices)
         self._flora_tied[index] = True
+        self._flora_a_one[index] = True
         if self._bias_delta is not None:
             self._bias_delta[index] = 0
         self._bias_slots.discard(index)
@@ -323,6 +326,7 @@ class FLoRALinearMixin:
         self._flora_tied[index] = max(self._flora_rank_host[index]) <= 1 and bool(
             (rows == rows[:1]).all()
         )
+        self._flora_a_one[index] = self._flora_tied[index] and bool((rows[0] == 1).all())
 
     def _set_bias_scale(self, index: int, scales: list[torch.Tensor | None]) -> None:
         """Slot `index` adds (l - 1) ∘ bias to its tokens' outputs, per slice with a scaling l
@@ -464,7 +468,8 @@ class FLoRALinearMixin:
         per slice, i.e. the packed GEMM's multiply-adds plus one pass over the input (scaling)
         and one over the output (scaling, bias and the slices' placement, fused).
 
-        One adapter for every token: its rows broadcast (no gather). Input scalings the same for
+        One adapter for every token: its rows broadcast (no gather). Input scalings all 1 (IA3
+        scaling outputs, DoRA): vLLM's packed GEMM on x as it is. Input scalings the same for
         every slice of each adapter here (`_flora_tied`, checked at `set_flora`; plain tokens
         too): one packed GEMM over the whole weight (vLLM's own). Otherwise one scaled copy of
         the input per slice, in one op, and a GEMM per slice (vLLM's, on a packed copy of the
@@ -478,6 +483,9 @@ class FLoRALinearMixin:
         else:  # [T] slot per token, the identity slot (last) for plain and padded tokens
             ident = self._identity_slots(counts, n_tok)
             a_rows, b_rows = None, _gather_rows("b", self._b_rows, 0, ident)  # [T, out]
+        if all(self._flora_a_one[s] for s in present):  # inputs unscaled (IA3 on outputs, DoRA)
+            y = self._packed_gemm(x2)  # [T, out]
+            return _scale_out(y, b_rows, bias, out=y)
         if len(self.output_slices) == 1 or all(self._flora_tied[s] for s in present):
             a = a_rows[0] if single else _gather_rows("a", self._a_rows[0], 0, ident)  # [1|T, in]
             y = self._packed_gemm(_scaled(x2, a, fresh=not single))  # [T, out]

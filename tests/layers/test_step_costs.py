@@ -139,6 +139,8 @@ class _Routed:
     ) -> None:
         self._flora_slots = flora_slots
         self._keep_lora_slots = set(keep_lora)  # DoRA slots: their LoRA part applies too
+        self._bias_slots: set[int] = set()  # no slot scales the bias (IA3 on biased modules)
+        self._bias_delta = None  # the layer has no bias
         self._counts = counts  # None: step_counts must not be read
         self.calls: list[str] = []
         layer = self
