@@ -273,10 +273,14 @@ def vllm_bench(
     raw_dir: str | None,
     seed: int,
     assignment: str = "random",
+    label: str | None = None,
+    extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """vLLM's serving benchmark, in this process, against `url`; its result dict (also saved
-    as <raw_dir>/<run id>.json unless raw_dir is None). `assignment`: each request's adapter
-    drawn at random, or `round-robin` (N concurrent requests over N adapters: one each)."""
+    as <raw_dir>/<label>.json unless raw_dir is None; label: the run's id by default).
+    `assignment`: each request's adapter drawn at random, or `round-robin` (N concurrent
+    requests over N adapters: one each). `extra`: more flags of vLLM's benchmark."""
+    label = label or run.id
     from vllm.benchmarks.serve import add_cli_args
     from vllm.benchmarks.serve import main as bench_main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -300,11 +304,12 @@ def vllm_bench(
         "--temperature", "0",
         "--percentile-metrics", "ttft,tpot,itl,e2el",
         "--metric-percentiles", "50,90,99",
-        "--label", run.id,
+        "--label", label,
         "--disable-tqdm",
+        *(extra or []),
     ]  # fmt: skip
     if raw_dir is not None:
-        argv += ["--save-result", "--result-dir", raw_dir, "--result-filename", f"{run.id}.json"]
+        argv += ["--save-result", "--result-dir", raw_dir, "--result-filename", f"{label}.json"]
     if run.adapters:
         argv += ["--lora-modules", *run.adapters, "--lora-assignment", assignment]
     return bench_main(parser.parse_args(argv))
