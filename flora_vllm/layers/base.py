@@ -328,6 +328,7 @@ class FLoRALinearMixin:
         )
         self._flora_a_one[index] = self._flora_tied[index] and bool((rows[0] == 1).all())
 
+    @torch.no_grad()  # vLLM 0.29's bias requires grad outside the engine's inference mode
     def _set_bias_scale(self, index: int, scales: list[torch.Tensor | None]) -> None:
         """Slot `index` adds (l - 1) ∘ bias to its tokens' outputs, per slice with a scaling l
         ([out_slice, 1], this rank's rows), so they get l ∘ bias. A row-parallel layer adds its
@@ -348,6 +349,7 @@ class FLoRALinearMixin:
                 ].float()
         self._bias_slots.add(index)
 
+    @torch.no_grad()  # inference only, like `_apply_rank1`: its out= gather refuses autograd
     def _add_bias_delta(
         self, output: torch.Tensor, counts: list[int] | None, present: list[int]
     ) -> torch.Tensor:
