@@ -41,6 +41,7 @@ MAX_TOKENS = 6
 BASE = "base"
 FLORA = ("flora-r1", "flora-r2", "flora-r4", "flora-r8")
 MODELS = (BASE, *FLORA, "lora-r8")
+PEFT = ("peft-ia3", "peft-dora")  # made by PEFT; registered, used by one test only
 BROKEN = "flora-r16"
 TENANTS = tuple(f"tenant-{i}" for i in range(6))  # only in the adapter roots
 REPLICA_PREFIX = "SERVE_REPLICA::flora#FloraLLMServer"
@@ -141,7 +142,9 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     from flora_vllm.testing.tiny import (
         LLAMA_TARGETS,
         build_demo_set,
+        make_dora_adapter,
         make_flora_adapter,
+        make_ia3_adapter,
         make_tenant_adapters,
     )
 
@@ -149,6 +152,14 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     paths = build_demo_set(str(root / "llama"), "llama")
     # rank 16 > max_lora_rank 8: the engine refuses it, and Serve must not cache it.
     paths[BROKEN] = make_flora_adapter(paths["base"], str(root / BROKEN), 16, LLAMA_TARGETS, 5)
+    paths["peft-ia3"] = make_ia3_adapter(
+        paths["base"], str(root / "peft-ia3"), ("k_proj", "v_proj", "down_proj"), ("down_proj",),
+        seed=8,
+    )
+    paths["peft-dora"] = make_dora_adapter(
+        paths["base"], str(root / "peft-dora"), 4, ("q_proj", "v_proj", "o_proj", "down_proj"),
+        seed=9, use_rslora=True,
+    )
     # Served from the roots on first use only: tenants, one too big, one linking outside.
     tenants = root / "tenants"
     paths |= make_tenant_adapters(paths["base"], str(tenants), list(TENANTS), LLAMA_TARGETS)
@@ -157,10 +168,10 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     os.symlink(make_flora_adapter(paths["base"], str(outside / "a"), 1, LLAMA_TARGETS, 7),
                tenants / "escape")
     refs = {m: load_reference(paths["base"], None if m == BASE else paths[m])
-            for m in (*MODELS, *TENANTS)}
+            for m in (*MODELS, *TENANTS, *PEFT)}
     cfg = ray_serve.FloraServeConfig(
         model=paths["base"],
-        adapters={m: paths[m] for m in (*MODELS[1:], BROKEN)},
+        adapters={m: paths[m] for m in (*MODELS[1:], BROKEN, *PEFT)},
         served_model_name=BASE,
         replicas=2,
         device="cpu",
@@ -322,6 +333,34 @@ def test_app_metrics_count_every_replicas_requests(ray_app: RayApp) -> None:
     for m in MODELS:
         label = "" if m == BASE else f"{BASE}:{m}"
         assert counted.get(label, 0) - counted_before.get(label, 0) == 2, (m, counted)
+
+
+def test_peft_ia3_and_dora_in_one_batch_with_lora_flora_and_base(ray_app: RayApp) -> None:
+    """PEFT IA3 and DoRA (rank 4) adapters through the Ray app: placed one at a time, then one
+    concurrent wave with LoRA, FLoRA ranks 1 and 4 and base (both name forms), every answer
+    equal to the oracle's (PEFT's own unmerged IA3 / DoRA layers), each adapter's answers
+    differing from base; Serve's and vLLM's views agree after. 5 adapters on 2 replicas of 3:
+    the placements may evict."""
+    models = (BASE, "lora-r8", "flora-r1", "flora-r4", *PEFT)
+    prompts = _prompts(3, seed=5)
+    for m in models:  # one at a time: the router spreads new adapters over the replicas
+        _ask(ray_app.client, m, prompts[0])
+    jobs = [(m if m == BASE or i % 2 else f"{BASE}:{m}", p)
+            for m in models for i, p in enumerate(prompts)]
+    random.Random(7).shuffle(jobs)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda j: _ask(ray_app.client, *j), jobs))
+    worst = _check(ray_app, jobs, answers)
+    base = ray_app.refs[BASE]
+    moved = {}
+    for (name, prompt), (toks, lps) in zip(jobs, answers, strict=True):
+        shift = max(abs(a - b) for a, b in zip(lps, token_logprobs(base, prompt, toks),
+                                                strict=True))
+        key = name.removeprefix(f"{BASE}:")
+        moved[key] = max(moved.get(key, 0.0), shift)
+    print(f"\nPEFT kinds on Ray: max |Δ logprob| {worst:.2e}; shift from base {moved}")
+    assert all(moved[m] > 0.05 for m in PEFT), moved
+    _assert_views_agree(ray_app)
 
 
 def test_adapters_from_the_roots_on_first_use(ray_app: RayApp) -> None:
