@@ -454,7 +454,7 @@ def print_table(summary: dict[str, Any]) -> None:
             )
         if s.get("ia3_tok_s") is not None:
             print(f"{n:>4} IA3 (no rank): {s['ia3_tok_s']:.1f} tok/s, "
-                  f"IA3/base {f(s['ia3_over_base'], '.3f')}")
+                  f"IA3/base {f(s['ia3_over_base'], '5.3f')}")
         print(f"{n:>4} inflection rank (FLoRA tok/s < LoRA's): {s['inflection_rank'] or 'none'}")
         if s.get("base_on_adapter_server_over_plain") is not None:
             print(f"{n:>4} base requests on the adapter-enabled server / plain server: "
