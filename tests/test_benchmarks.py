@@ -272,7 +272,8 @@ def test_serving_bench_smoke(tmp_path: Path) -> None:
     servers = {s["key"]: s for s in result["servers"]}
     assert servers["base"]["args"][-1] == "--no-enable-lora"  # the true vLLM baseline
     lora_args = " ".join(servers["n2-maxrank1"]["args"])
-    assert "--max-lora-rank 1 --max-loras 2 --max-cpu-loras 4" in lora_args
+    # every adapter the server hosts: 2 each of FLoRA, LoRA, DoRA and IA3
+    assert "--max-lora-rank 1 --max-loras 2 --max-cpu-loras 8" in lora_args
     assert servers["n2-maxrank1"]["env"]["FLORA_EXECUTION"] == "auto"
 
     row = result["summary"]["2"]["by_rank"]["1"]
