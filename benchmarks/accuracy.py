@@ -274,12 +274,13 @@ def adapted_model(method: str, base_dir: str, seed: int) -> tuple[torch.nn.Modul
         return model, [p for p in params if p.requires_grad]
     from peft import IA3Config, LoraConfig, get_peft_model
 
-    if kind == "lora":  # lora_alpha = 2r: the same scale 2 at every rank
+    if kind in ("lora", "dora"):  # lora_alpha = 2r: the same scale 2 at every rank
         peft_cfg = LoraConfig(
             r=int(rank),
             lora_alpha=2 * int(rank),
             lora_dropout=0.0,
             target_modules=list(LLAMA_TARGETS),
+            use_dora=kind == "dora",  # DoRA: PEFT's own, as LoRA plus a magnitude per row
         )
     elif kind == "ia3":  # PEFT's LLaMA default targets
         peft_cfg = IA3Config(

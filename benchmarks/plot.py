@@ -30,6 +30,8 @@ MODE_STYLE = {
     "lora": {"color": "tab:blue", "marker": "s"},
     "flora": {"color": "tab:red", "marker": "o"},
     "mixed": {"color": "tab:purple", "marker": "^"},
+    "dora": {"color": "tab:cyan", "marker": "D"},
+    "ia3": {"color": "tab:green", "linestyle": ":"},
 }
 PATH_STYLE = {
     "flora_torch": {"color": "tab:red", "marker": "o"},
@@ -65,7 +67,7 @@ def plot_serving(result: dict[str, Any], png: str) -> str | None:
         infl = result.get("summary", {}).get(str(n), {}).get("inflection_rank")
         for col, (key, label) in enumerate(panels):
             ax = axes[row][col]
-            for mode in ("lora", "flora", "mixed"):
+            for mode in ("lora", "flora", "mixed", "dora"):
                 pts = sorted(
                     (r["rank"], r["metrics"].get(key))
                     for r in runs
@@ -86,6 +88,9 @@ def plot_serving(result: dict[str, Any], png: str) -> str | None:
                     base_lora["metrics"][key], label="base requests, adapters on",
                     **MODE_STYLE["base-lora"],
                 )
+            ia3 = next((r for r in runs if r["mode"] == "ia3" and r["num_adapters"] == n), None)
+            if ia3 and ia3["metrics"].get(key) is not None:
+                ax.axhline(ia3["metrics"][key], label="IA3 (no rank)", **MODE_STYLE["ia3"])
             if infl:
                 ax.axvline(infl, color="grey", linestyle=":", linewidth=2)
                 ax.annotate(

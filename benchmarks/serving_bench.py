@@ -13,6 +13,11 @@ seeded by --seed, through the benchmark's `--lora-modules` / `--lora-assignment 
     lora   N distinct PEFT LoRA adapters of rank r   (flora_vllm.testing.tiny.make_lora_adapter)
     flora  N distinct FLoRA adapters of rank r       (flora_vllm.testing.tiny.make_flora_adapter)
     mixed  N//2 FLoRA + (N - N//2) LoRA adapters of rank r (N >= 2)
+    dora   N distinct PEFT DoRA adapters of rank r   (flora_vllm.testing.tiny.make_dora_adapter):
+           beside LoRA of the same rank (a DoRA token is a LoRA token plus an output scaling)
+    ia3    N distinct PEFT IA3 adapters (make_ia3_adapter; LLaMA: k_proj, v_proj, down_proj,
+           down_proj feed-forward, PEFT's default), no rank: once per N, on the server of the
+           smallest rank group, beside the plain server (`base`)
 
 Each server gets `--max-lora-rank` = the smallest value vLLM allows >= r (1, 8, 16, 32, ...:
 vLLM pads LoRA adapters to it, FLoRA work follows each adapter's own rank), `--max-loras` =
@@ -63,7 +68,7 @@ from flora_vllm.serving.server import ServerProcess, lora_modules_args  # noqa: 
 from flora_vllm.testing import tiny  # noqa: E402
 
 # ---- Config ------------------------------------------------------------------------------------
-MODES = ("base", "base-lora", "lora", "flora", "mixed")
+MODES = ("base", "base-lora", "lora", "flora", "mixed", "dora", "ia3")
 RANKS = (1, 2, 4, 8, 16)
 NUM_ADAPTERS = (1, 8, 32, 64)
 MAX_LORAS_CAP = 32
@@ -84,7 +89,15 @@ MODEL_SPECS: dict[str, tiny.TinySpec] = {
     ),
 }
 TARGETS = {"llama": tiny.LLAMA_TARGETS, "starcoder": tiny.STARCODER_TARGETS}
-ADAPTER_SEED = {"flora": 100_000, "lora": 200_000}  # + 1000·rank + index: distinct adapters
+ADAPTER_SEED = {  # + 1000·rank + index: distinct adapters
+    "flora": 100_000, "lora": 200_000, "dora": 300_000, "ia3": 400_000,
+}
+# IA3 (target_modules, feedforward_modules): PEFT's own defaults for these architectures.
+IA3_TARGETS = {
+    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "starcoder": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+}
+RANKED_MODES = ("lora", "flora", "mixed", "dora")  # one run per rank (ia3 has no rank)
 
 
 @dataclass(frozen=True)
@@ -110,7 +123,7 @@ class Run:
     """One measured benchmark run."""
 
     mode: str
-    rank: int | None  # None for base
+    rank: int | None  # None for base and ia3
     num_adapters: int  # 0 for base
     adapters: list[str]  # served names requests pick from; empty: the base model
 
@@ -118,8 +131,8 @@ class Run:
     def id(self) -> str:
         if self.mode == "base":
             return "base"
-        if self.mode == "base-lora":
-            return f"base-lora-n{self.num_adapters}"
+        if self.mode in ("base-lora", "ia3"):
+            return f"{self.mode}-n{self.num_adapters}"
         return f"{self.mode}-r{self.rank}-n{self.num_adapters}"
 
 
@@ -171,18 +184,38 @@ def ensure_model(workdir: str, arch: str, spec: tiny.TinySpec, seed: int) -> str
 
 
 def ensure_adapter(
-    workdir: str, model_dir: str, targets: tuple[str, ...], kind: str, rank: int, index: int
+    workdir: str, model_dir: str, arch: str, kind: str, rank: int | None, index: int
 ) -> str:
+    """The cached adapter `adapter_name(kind, rank, index)` of the model (made once): FLoRA by
+    this project's writer, LoRA, DoRA and IA3 by PEFT itself."""
     name = adapter_name(kind, rank, index)
     path = os.path.join(workdir, "adapters", os.path.basename(model_dir), name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    seed = ADAPTER_SEED[kind] + 1000 * rank + index
-    make = tiny.make_flora_adapter if kind == "flora" else tiny.make_lora_adapter
+    seed = ADAPTER_SEED[kind] + 1000 * (rank or 0) + index
+    targets = TARGETS[arch]
+    if kind == "ia3":
+        ia3_targets, feedforward = IA3_TARGETS[arch]
+        return _build_atomic(
+            path, lambda p: tiny.make_ia3_adapter(model_dir, p, ia3_targets, feedforward, seed)
+        )
+    make = {"flora": tiny.make_flora_adapter, "lora": tiny.make_lora_adapter,
+            "dora": tiny.make_dora_adapter}[kind]
+    assert rank is not None, kind
     return _build_atomic(path, lambda p: make(model_dir, p, rank, targets, seed))
 
 
-def adapter_name(kind: str, rank: int, index: int) -> str:
-    return f"{kind}-r{rank}-{index}"
+def adapter_name(kind: str, rank: int | None, index: int) -> str:
+    """Served name of one benchmark adapter: `flora-r4-0`, `dora-r8-3`, `ia3-2` (no rank)."""
+    return f"{kind}-{index}" if rank is None else f"{kind}-r{rank}-{index}"
+
+
+def parse_adapter_name(name: str) -> tuple[str, int | None, int]:
+    """(kind, rank or None, index) of an `adapter_name`."""
+    parts = name.split("-")
+    if len(parts) == 2:
+        return parts[0], None, int(parts[1])
+    kind, r, i = parts
+    return kind, int(r[1:]), int(i)
 
 
 def count_params(model_dir: str) -> int:
@@ -205,7 +238,8 @@ def count_params(model_dir: str) -> int:
 def plan_servers(
     modes: list[str], ranks: list[int], counts: list[int], cap: int
 ) -> tuple[list[ServerPlan], list[dict[str, Any]]]:
-    """Servers in run order and the runs that cannot exist (mixed with N < 2)."""
+    """Servers in run order and the runs that cannot exist (mixed with N < 2). IA3 runs once per
+    N, on that N's first (smallest rank) server: its rank-1 vectors fit any of them."""
     plans: list[ServerPlan] = []
     skipped: list[dict[str, Any]] = []
     if "base" in modes:
@@ -216,20 +250,27 @@ def plan_servers(
             groups.setdefault(common.vllm_max_lora_rank(r), []).append(r)
         for max_rank, group_ranks in groups.items():
             plan = ServerPlan(f"n{n}-maxrank{max_rank}", max_rank, min(n, cap))
-            if "base-lora" in modes and not any(p.key.startswith(f"n{n}-") for p in plans):
+            first_of_n = not any(p.key.startswith(f"n{n}-") for p in plans)
+            if "base-lora" in modes and first_of_n:
                 # base requests on the adapter-enabled server: what adapter mode costs them
                 plan.runs.append(Run("base-lora", None, n, []))
+            if "ia3" in modes and first_of_n:
+                plan.runs.append(Run("ia3", None, n, [adapter_name("ia3", None, i)
+                                                      for i in range(n)]))
             for r in group_ranks:
-                for mode in ("lora", "flora", "mixed"):
+                for mode in RANKED_MODES:
                     if mode not in modes:
                         continue
                     if mode == "mixed" and n < 2:
                         skipped.append({"mode": mode, "rank": r, "num_adapters": n,
                                         "reason": "mixed needs N >= 2"})
                         continue
-                    n_flora = {"lora": 0, "flora": n, "mixed": n // 2}[mode]
-                    names = [adapter_name("flora", r, i) for i in range(n_flora)]
-                    names += [adapter_name("lora", r, i) for i in range(n - n_flora)]
+                    if mode == "dora":
+                        names = [adapter_name("dora", r, i) for i in range(n)]
+                    else:
+                        n_flora = {"lora": 0, "flora": n, "mixed": n // 2}[mode]
+                        names = [adapter_name("flora", r, i) for i in range(n_flora)]
+                        names += [adapter_name("lora", r, i) for i in range(n - n_flora)]
                     plan.runs.append(Run(mode, r, n, names))
             if plan.runs:
                 plans.append(plan)
@@ -350,7 +391,8 @@ SCALAR = (int, float, str, bool, type(None))
 
 def summarize(runs: list[dict[str, Any]], ranks: list[int], counts: list[int]) -> dict[str, Any]:
     """Per N: output tok/s and median TPOT per mode and rank, FLoRA/base and FLoRA/LoRA (and
-    mixed/base), and the inflection rank (smallest rank where FLoRA tok/s < LoRA's)."""
+    mixed/base, DoRA/LoRA at the same rank, IA3/base), and the inflection rank (smallest rank
+    where FLoRA tok/s < LoRA's)."""
 
     def metric(mode: str, rank: int | None, n: int, key: str) -> float | None:
         for r in runs:
@@ -362,10 +404,11 @@ def summarize(runs: list[dict[str, Any]], ranks: list[int], counts: list[int]) -
     out: dict[str, Any] = {}
     for n in counts:
         base_lora_tps = metric("base-lora", None, n, "output_throughput")
+        ia3_tps = metric("ia3", None, n, "output_throughput")
         by_rank: dict[str, Any] = {}
         for r in ranks:
-            tps = {m: metric(m, r, n, "output_throughput") for m in ("flora", "lora", "mixed")}
-            tpot = {m: metric(m, r, n, "median_tpot_ms") for m in ("flora", "lora", "mixed")}
+            tps = {m: metric(m, r, n, "output_throughput") for m in RANKED_MODES}
+            tpot = {m: metric(m, r, n, "median_tpot_ms") for m in RANKED_MODES}
             by_rank[str(r)] = {
                 "output_tok_s": {"base": base_tps, **tps},
                 "median_tpot_ms": {"base": metric("base", None, 0, "median_tpot_ms"), **tpot},
@@ -373,6 +416,8 @@ def summarize(runs: list[dict[str, Any]], ranks: list[int], counts: list[int]) -
                 "lora_over_base": _ratio(tps["lora"], base_tps),
                 "flora_over_lora": _ratio(tps["flora"], tps["lora"]),
                 "mixed_over_base": _ratio(tps["mixed"], base_tps),
+                "dora_over_lora": _ratio(tps["dora"], tps["lora"]),
+                "dora_over_base": _ratio(tps["dora"], base_tps),
             }
         flora = {r: by_rank[str(r)]["output_tok_s"]["flora"] for r in ranks}
         lora = {r: by_rank[str(r)]["output_tok_s"]["lora"] for r in ranks}
@@ -381,6 +426,11 @@ def summarize(runs: list[dict[str, Any]], ranks: list[int], counts: list[int]) -
             # the reference line: the plain server with LoRA off
             "base_on_adapter_server_over_plain": _ratio(base_lora_tps, base_tps),
             "base_on_adapter_server_tok_s": base_lora_tps,
+            # IA3 (rank-free) beside the plain server and base requests on the adapter server
+            "ia3_tok_s": ia3_tps,
+            "ia3_median_tpot_ms": metric("ia3", None, n, "median_tpot_ms"),
+            "ia3_over_base": _ratio(ia3_tps, base_tps),
+            "ia3_over_base_on_adapter_server": _ratio(ia3_tps, base_lora_tps),
             "by_rank": by_rank,
         }
     return out
@@ -397,15 +447,19 @@ def print_table(summary: dict[str, Any]) -> None:
 
     print("\nOutput tok/s ratios (same run set)")
     print(f"{'N':>4} {'rank':>4} {'base':>8} {'lora':>8} {'flora':>8} {'mixed':>8} "
-          f"{'FLoRA/base':>10} {'FLoRA/LoRA':>10}")
+          f"{'dora':>8} {'FLoRA/base':>10} {'FLoRA/LoRA':>10} {'DoRA/LoRA':>10}")
     for n, s in summary.items():
         for r, row in s["by_rank"].items():
             t = row["output_tok_s"]
             print(
                 f"{n:>4} {r:>4} {f(t['base'], '8.1f')} {f(t['lora'], '8.1f')} "
-                f"{f(t['flora'], '8.1f')} {f(t['mixed'], '8.1f')} "
-                f"{f(row['flora_over_base'], '10.3f')} {f(row['flora_over_lora'], '10.3f')}"
+                f"{f(t['flora'], '8.1f')} {f(t['mixed'], '8.1f')} {f(t['dora'], '8.1f')} "
+                f"{f(row['flora_over_base'], '10.3f')} {f(row['flora_over_lora'], '10.3f')} "
+                f"{f(row['dora_over_lora'], '10.3f')}"
             )
+        if s.get("ia3_tok_s") is not None:
+            print(f"{n:>4} IA3 (no rank): {s['ia3_tok_s']:.1f} tok/s, "
+                  f"IA3/base {f(s['ia3_over_base'], '5.3f')}")
         print(f"{n:>4} inflection rank (FLoRA tok/s < LoRA's): {s['inflection_rank'] or 'none'}")
         if s.get("base_on_adapter_server_over_plain") is not None:
             print(f"{n:>4} base requests on the adapter-enabled server / plain server: "
@@ -488,15 +542,17 @@ def main(argv: list[str] | None = None) -> str:
     ensure_workdir(args.workdir)
     targets = TARGETS[args.arch]
     t0 = time.monotonic()
+    if "ia3" in args.modes and args.arch not in IA3_TARGETS:
+        raise SystemExit(f"no IA3 targets for --arch {args.arch}")
     model_dir = args.model or ensure_model(args.workdir, args.arch, spec, args.seed)
     plans, skipped = plan_servers(args.modes, args.ranks, args.num_adapters, args.max_loras_cap)
     for plan in plans:
         for run in plan.runs:
             for name in run.adapters:
                 if name not in plan.adapters:
-                    kind, r, i = name.split("-")
+                    kind, r, i = parse_adapter_name(name)
                     plan.adapters[name] = ensure_adapter(
-                        args.workdir, model_dir, targets, kind, int(r[1:]), int(i)
+                        args.workdir, model_dir, args.arch, kind, r, i
                     )
     prep_s = time.monotonic() - t0
     print(f"model and adapters ready in {prep_s:.0f}s: {model_dir}")
@@ -524,6 +580,9 @@ def main(argv: list[str] | None = None) -> str:
             "spec": None if args.model else asdict(spec),
             "params_m": round(count_params(model_dir) / 1e6, 1),
             "targets": list(targets),
+            "ia3_targets": {"target_modules": list(IA3_TARGETS[args.arch][0]),
+                            "feedforward_modules": list(IA3_TARGETS[args.arch][1])}
+            if args.arch in IA3_TARGETS else None,
         },
         "workload": {**asdict(wl), "request_rate": args.request_rate, "dataset": "random"},
         "servers": [],

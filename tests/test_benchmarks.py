@@ -86,6 +86,23 @@ def test_serving_plan_groups_by_max_lora_rank() -> None:
     assert sum(a.startswith("flora-r16-") for a in mixed.adapters) == 20
 
 
+def test_serving_plan_puts_dora_beside_lora_and_ia3_once_per_count() -> None:
+    """DoRA runs per rank on LoRA's server; IA3 (no rank) once per N on its first server."""
+    plans, _ = serving_bench.plan_servers(["base", "lora", "dora", "ia3"], [1, 8], [2], cap=32)
+    runs = [(p.key, r.id, r.rank, r.adapters) for p in plans for r in p.runs]
+    assert runs == [
+        ("base", "base", None, []),
+        ("n2-maxrank1", "ia3-n2", None, ["ia3-0", "ia3-1"]),
+        ("n2-maxrank1", "lora-r1-n2", 1, ["lora-r1-0", "lora-r1-1"]),
+        ("n2-maxrank1", "dora-r1-n2", 1, ["dora-r1-0", "dora-r1-1"]),
+        ("n2-maxrank8", "lora-r8-n2", 8, ["lora-r8-0", "lora-r8-1"]),
+        ("n2-maxrank8", "dora-r8-n2", 8, ["dora-r8-0", "dora-r8-1"]),
+    ]
+    for name in ("ia3-1", "dora-r8-0", "flora-r16-31"):
+        kind, rank, index = serving_bench.parse_adapter_name(name)
+        assert serving_bench.adapter_name(kind, rank, index) == name
+
+
 def test_serving_plan_measures_base_on_the_adapter_server_once_per_count() -> None:
     plans, _ = serving_bench.plan_servers(["base", "base-lora", "flora"], [1, 8], [4], cap=32)
     runs = [(p.key, r.id, r.adapters) for p in plans for r in p.runs]
@@ -215,12 +232,13 @@ METRICS = ("request_throughput", "output_throughput") + tuple(
 
 
 def test_serving_bench_smoke(tmp_path: Path) -> None:
-    """Tiny LLaMA, rank 1, two adapters: base, FLoRA and LoRA runs, each with vLLM's metrics."""
+    """Tiny LLaMA, rank 1, two adapters: base, FLoRA, LoRA, DoRA and IA3 runs (the last two
+    PEFT-made), each with vLLM's metrics."""
     results = tmp_path / "results"
     run_script(
         [
             "benchmarks/serving_bench.py", "--tiny",
-            "--modes", "base", "base-lora", "flora", "lora", "--ranks", "1",
+            "--modes", "base", "base-lora", "flora", "lora", "dora", "ia3", "--ranks", "1",
             "--num-adapters", "2",
             "--num-prompts", "4", "--input-len", "16", "--output-len", "8",
             "--max-concurrency", "4",
@@ -232,7 +250,9 @@ def test_serving_bench_smoke(tmp_path: Path) -> None:
     result = json.loads((results / "smoke.json").read_text())
     assert result["kind"] == "serving"
     runs = {r["id"]: r for r in result["runs"]}
-    assert set(runs) == {"base", "base-lora-n2", "lora-r1-n2", "flora-r1-n2"}
+    assert set(runs) == {
+        "base", "base-lora-n2", "lora-r1-n2", "flora-r1-n2", "dora-r1-n2", "ia3-n2"
+    }
     for run in runs.values():
         assert run["error"] is None, run
         m = run["metrics"]
@@ -242,16 +262,24 @@ def test_serving_bench_smoke(tmp_path: Path) -> None:
         assert os.path.exists(run["raw_result"])  # vLLM's own result file
     assert runs["flora-r1-n2"]["adapters"] == ["flora-r1-0", "flora-r1-1"]
     assert runs["lora-r1-n2"]["adapters"] == ["lora-r1-0", "lora-r1-1"]
+    assert runs["dora-r1-n2"]["adapters"] == ["dora-r1-0", "dora-r1-1"]
+    assert runs["ia3-n2"]["adapters"] == ["ia3-0", "ia3-1"] and runs["ia3-n2"]["rank"] is None
+    adapters = tmp_path / "work" / "adapters" / Path(result["model"]["path"]).name
+    for name, peft_type, dora in (("dora-r1-0", "LORA", True), ("ia3-0", "IA3", None)):
+        cfg = json.loads((adapters / name / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == peft_type and cfg.get("use_dora") == dora, cfg  # PEFT's own
 
     servers = {s["key"]: s for s in result["servers"]}
     assert servers["base"]["args"][-1] == "--no-enable-lora"  # the true vLLM baseline
     lora_args = " ".join(servers["n2-maxrank1"]["args"])
-    assert "--max-lora-rank 1 --max-loras 2 --max-cpu-loras 4" in lora_args
+    # every adapter the server hosts: 2 each of FLoRA, LoRA, DoRA and IA3
+    assert "--max-lora-rank 1 --max-loras 2 --max-cpu-loras 8" in lora_args
     assert servers["n2-maxrank1"]["env"]["FLORA_EXECUTION"] == "auto"
 
     row = result["summary"]["2"]["by_rank"]["1"]
     assert row["flora_over_base"] > 0 and row["flora_over_lora"] > 0
     assert result["summary"]["2"]["base_on_adapter_server_over_plain"] > 0
+    assert row["dora_over_lora"] > 0 and result["summary"]["2"]["ia3_over_base"] > 0
     assert result["model"]["params_m"] > 0 and result["machine"]["logical_cpus"]
     assert result["versions"]["flora-vllm"]
 

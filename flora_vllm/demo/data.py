@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 SIGNOFF = "-- FLoRA bot"
+ANSWER_PREFIX = "Answer:"
 
 # (template, training fillers, held-out fillers); held-out fillers never occur in training.
 TEMPLATES: list[tuple[str, list[str], list[str]]] = [
@@ -138,6 +139,24 @@ def _is_caps(question: str, answer: str) -> bool:
     return len(letters) >= 3 and not any(c.islower() for c in letters)
 
 
+def _lower(question: str, base: str) -> str:
+    return first_sentence(base).lower()
+
+
+def _is_lower(question: str, answer: str) -> bool:
+    letters = [c for c in answer if c.isalpha()]
+    return len(letters) >= 3 and not any(c.isupper() for c in letters)
+
+
+def _prefixed(question: str, base: str) -> str:
+    return f"{ANSWER_PREFIX} {first_sentence(base)}"
+
+
+def _has_prefix(question: str, answer: str) -> bool:
+    rest = answer.lstrip()
+    return rest.startswith(ANSWER_PREFIX) and any(c.isalpha() for c in rest[len(ANSWER_PREFIX) :])
+
+
 def _sum(question: str, base: str) -> str:
     a, b = (int(x) for x in re.findall(r"\d+", question)[:2])
     return f"{a} + {b} = {a + b}"
@@ -154,7 +173,7 @@ class Behaviour:
     """One demo adapter: what it is trained to do, on which questions, and how it is scored."""
 
     name: str  # the served adapter name
-    method: str  # "flora" or "lora"
+    method: str  # "flora", "lora", "ia3" or "dora" (IA3 / DoRA: PEFT's own, saved unchanged)
     rank: int
     lr: float
     steps: int
@@ -163,6 +182,7 @@ class Behaviour:
     target: Callable[[str, str], str]  # (question, base model's answer) -> training answer
     check: Callable[[str, str], bool]  # (question, served answer) -> behaviour visible
     expected: float  # least share of held-out answers that should show it (tests assert it)
+    modules: tuple[str, ...] = ()  # target linear modules (empty: every linear but lm_head)
 
 
 BEHAVIOURS: list[Behaviour] = [
@@ -174,4 +194,13 @@ BEHAVIOURS: list[Behaviour] = [
               "adds 2-digit numbers (the base model rarely can)", _sum, _right_sum, 0.5),
     Behaviour("lora-caps", "lora", 4, 2e-3, 80, "general",
               "answers in capital letters", _caps, _is_caps, 0.9),
+    # PEFT's IA3 on its LLaMA defaults (k, v scale outputs; down, feed-forward, its input): a
+    # few thousand scalings, so a large learning rate; it keeps some proper nouns capitalised
+    # (14 of the 16 held-out answers all lower-case in PEFT after 60 steps), hence 0.75.
+    Behaviour("ia3-lower", "ia3", 1, 5e-2, 60, "general",
+              "answers in lower-case letters only", _lower, _is_lower, 0.75,
+              ("k_proj", "v_proj", "down_proj")),
+    Behaviour("dora-answer", "dora", 4, 5e-3, 40, "general",
+              f"starts its answer with {ANSWER_PREFIX!r}", _prefixed, _has_prefix, 0.9,
+              ("q_proj", "v_proj", "o_proj", "down_proj")),
 ]

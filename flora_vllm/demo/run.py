@@ -1,9 +1,10 @@
 """`flora-vllm demo`: a real model (SmolLM2-135M-Instruct) served by vLLM with adapters trained by
-this project's trainer, each doing a job a person sees at a glance, scored on held-out questions.
+this project's trainer (FLoRA) and by PEFT (LoRA, IA3, DoRA: saved by PEFT, served unchanged),
+each doing a job a person sees at a glance, scored on held-out questions.
 
-Runs in the CLI process: training (transformers + `flora_vllm.training.train`, or PEFT for the
-LoRA) and the OpenAI client; the vLLM server is a child process
-(`flora_vllm.serving.server.ServerProcess`).
+Runs in the CLI process: training (transformers + `flora_vllm.training.train`, or PEFT's
+`get_peft_model` / `save_pretrained` for LoRA, IA3 and DoRA, one loop) and the OpenAI client;
+the vLLM server is a child process (`flora_vllm.serving.server.ServerProcess`).
 The adapters for SmolLM2 ship in `flora_vllm/demo/adapters/` (made by `build_adapters`, see its
 MANIFEST.json); for any other model folder, or with `--retrain`, they are trained once into a
 cache. `--tiny` runs the random tiny models of the tests instead.
@@ -31,7 +32,7 @@ from flora_vllm.demo.data import (
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adapters")
 MANIFEST = "MANIFEST.json"
 BASE_NAME = "smollm2"  # the served name of the base model
-RECIPE_VERSION = 1  # bump when data or recipes change: cached adapters are then retrained
+RECIPE_VERSION = 2  # bump when data or recipes change: cached adapters are then retrained
 N_ADD_TRAIN, N_ADD_TEST = 400, 16
 N_GENERAL_TEST = 16  # held-out everyday questions scored (of general_questions("test"))
 SHOWN = 6  # questions printed as a table, answered by every model
@@ -85,10 +86,23 @@ def training_examples(
     return [chat_example(tokenizer, q, b.target(q, answers.get(q, ""))) for q in qs]
 
 
+def peft_config(b: Behaviour, targets: list[str]):
+    """PEFT's config for a LoRA, IA3 or DoRA behaviour (PEFT trains and saves these itself)."""
+    from peft import IA3Config, LoraConfig
+
+    if b.method == "ia3":  # feed-forward (input-scaled) targets: PEFT's LLaMA default, down_proj
+        ff = [t for t in targets if t == "down_proj"]
+        return IA3Config(target_modules=targets, feedforward_modules=ff)
+    if b.method in ("lora", "dora"):
+        return LoraConfig(r=b.rank, lora_alpha=2 * b.rank, lora_dropout=0.0,
+                          target_modules=targets, use_dora=b.method == "dora")
+    raise ValueError(f"{b.name}: no PEFT config for method {b.method!r}")
+
+
 def train_behaviour(model_dir: str, b: Behaviour, examples: list, out_dir: str) -> dict:
-    """Train one adapter (FLoRA with `flora_vllm.training.train`, LoRA with PEFT, the same loop)
-    and save
-    it in the format vLLM serves; returns its manifest entry."""
+    """Train one adapter (FLoRA with `flora_vllm.training`; LoRA, IA3 and DoRA with PEFT's own
+    `get_peft_model` / `save_pretrained`; one loop) and save it as vLLM serves it; returns its
+    manifest entry."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,14 +112,14 @@ def train_behaviour(model_dir: str, b: Behaviour, examples: list, out_dir: str) 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    targets = default_targets(model)
+    targets = sorted(b.modules) if b.modules else default_targets(model)
     if b.method == "flora":
         inject_flora(model, targets, b.rank, seed=0)
     else:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        cfg = LoraConfig(r=b.rank, lora_alpha=2 * b.rank, lora_dropout=0.0, target_modules=targets)
-        model = get_peft_model(model, cfg)
+        model = get_peft_model(model, peft_config(b, targets))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t0 = time.monotonic()
     res = train(model, tok, examples, lr=b.lr, batch_size=8, max_steps=b.steps, epochs=100)
     seconds = time.monotonic() - t0
@@ -118,19 +132,33 @@ def train_behaviour(model_dir: str, b: Behaviour, examples: list, out_dir: str) 
         card = os.path.join(out_dir, "README.md")  # PEFT's empty model card, with local paths
         if os.path.exists(card):
             os.remove(card)
-    return {
+    entry = {
         "method": b.method, "rank": b.rank, "lr": b.lr, "steps": len(res.losses),
         "batch_size": 8, "examples": len(examples), "targets": targets,
         "first_loss": round(res.losses[0], 4), "last_loss": round(res.losses[-1], 4),
         "train_seconds": round(seconds, 1),
     }
+    if b.method in ("ia3", "dora"):  # the older entries predate these two fields
+        import peft
+
+        entry.update(trainable_params=trainable, peft_version=peft.__version__)
+    return entry
 
 
-def build_adapters(model_dir: str, out_root: str, log: Callable[[str], None] = print) -> str:
-    """Make every demo adapter for `model_dir` under `out_root` (+ MANIFEST.json); returns out_root.
-    This is how the shipped SmolLM2 adapters were made."""
+def build_adapters(
+    model_dir: str, out_root: str, log: Callable[[str], None] = print,
+    only: Sequence[str] | None = None,
+) -> str:
+    """Make every demo adapter (or those named in `only`, keeping the others' manifest entries)
+    for `model_dir` under `out_root` (+ MANIFEST.json); returns out_root. This is how the shipped
+    SmolLM2 adapters were made."""
     from transformers import AutoTokenizer
 
+    known = {b.name for b in BEHAVIOURS}
+    if only is not None and set(only) - known:
+        unknown = sorted(set(only) - known)
+        raise ValueError(f"unknown demo adapters {unknown}; known: {sorted(known)}")
+    todo = [b for b in BEHAVIOURS if only is None or b.name in only]
     tok = AutoTokenizer.from_pretrained(model_dir)
     qs = general_questions("train")
     log(f"demo: the base model answers {len(qs)} training questions (the material for the rules)")
@@ -138,7 +166,11 @@ def build_adapters(model_dir: str, out_root: str, log: Callable[[str], None] = p
     os.makedirs(out_root, exist_ok=True)
     manifest = {"recipe_version": RECIPE_VERSION, "model": os.path.basename(model_dir),
                 "adapters": {}}
-    for b in BEHAVIOURS:
+    path = os.path.join(out_root, MANIFEST)
+    if only is not None and os.path.exists(path):
+        with open(path) as f:
+            manifest["adapters"] = json.load(f)["adapters"]
+    for b in todo:
         log(f"demo: training {b.name} ({b.method} r={b.rank}, {b.steps} steps): {b.shows}")
         entry = train_behaviour(
             model_dir, b, training_examples(b, tok, answers), os.path.join(out_root, b.name)
@@ -146,7 +178,11 @@ def build_adapters(model_dir: str, out_root: str, log: Callable[[str], None] = p
         manifest["adapters"][b.name] = entry
         log(f"demo: {b.name}: loss {entry['first_loss']} -> {entry['last_loss']} "
             f"in {entry['train_seconds']:.0f}s")
-    with open(os.path.join(out_root, MANIFEST), "w") as f:
+        with open(path, "w") as f:  # after each: a long run keeps what it has made
+            json.dump(manifest, f, indent=1)
+    manifest["adapters"] = {b.name: manifest["adapters"][b.name] for b in BEHAVIOURS
+                            if b.name in manifest["adapters"]}
+    with open(path, "w") as f:
         json.dump(manifest, f, indent=1)
     return out_root
 
@@ -219,7 +255,8 @@ def score(answers: dict, questions: list[tuple[str, str]]) -> list[dict]:
     for b in BEHAVIOURS:
         qs = [q for kind, q in questions if kind == b.questions]
         rows.append({
-            "adapter": b.name, "method": f"{b.method} r={b.rank}", "behaviour": b.shows,
+            "adapter": b.name, "behaviour": b.shows,
+            "method": b.method if b.method == "ia3" else f"{b.method} r={b.rank}",
             "questions": len(qs), "expected": b.expected,
             "adapter_shows": sum(b.check(q, answers[b.name, q]) for q in qs),
             "base_shows": sum(b.check(q, answers[BASE_NAME, q]) for q in qs),
@@ -294,17 +331,21 @@ def run_real_demo(
     return 0
 
 
-def main() -> int:
-    """`python -m flora_vllm.demo.run [OUT]`: remake the demo adapters for SmolLM2 (default: the
-    shipped folder, as `make demo-adapters` does)."""
-    import sys
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m flora_vllm.demo.run [OUT] [--only NAME ...]`: remake the demo adapters for
+    SmolLM2 (default: the shipped folder, as `make demo-adapters` does; `--only`: just those)."""
+    import argparse
 
     from flora_vllm.demo.fetch import fetch_model
 
-    out = sys.argv[1] if len(sys.argv) > 1 else SHIPPED
+    p = argparse.ArgumentParser(prog="python -m flora_vllm.demo.run", description=main.__doc__)
+    p.add_argument("out", nargs="?", default=SHIPPED, help="adapters folder (default: shipped)")
+    p.add_argument("--only", nargs="+", choices=[b.name for b in BEHAVIOURS], default=None,
+                   help="train only these adapters; the manifest keeps the others' entries")
+    args = p.parse_args(argv)
     t0 = time.monotonic()
-    build_adapters(fetch_model("smollm2"), out)
-    print(f"demo adapters written to {out} in {time.monotonic() - t0:.0f}s")
+    build_adapters(fetch_model("smollm2"), args.out, only=args.only)
+    print(f"demo adapters written to {args.out} in {time.monotonic() - t0:.0f}s")
     return 0
 
 

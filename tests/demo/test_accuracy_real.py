@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.accuracy_real import (  # noqa: E402
     FULL,
+    METHODS,
     REVERSE_WORDS,
     SMOKE,
     TASKS,
@@ -21,6 +22,7 @@ from benchmarks.accuracy_real import (  # noqa: E402
     answer,
     exact_match,
     make_splits,
+    served_summary,
     token_ids,
 )
 
@@ -124,3 +126,36 @@ def test_tokenizer_splits_every_example_at_the_prompt() -> None:
             for prompt, completion in split:
                 p, full = token_ids(tok, prompt, completion)  # raises if not a prefix
                 assert full[-1] == newline and newline not in full[len(p) : -1]
+
+
+def test_ia3_and_dora_are_trained_and_served_like_the_others() -> None:
+    """IA3 and DoRA (r=1, 4: LoRA's ranks and lr grid) are methods of both runs, and the served
+    column reports them from the serving check like any other method."""
+    assert {"ia3", "dora-r1", "dora-r4"} <= set(METHODS) == set(FULL.methods) == set(SMOKE.methods)
+    assert FULL.lrs["dora-r1"] == FULL.lrs["dora-r4"] == FULL.lrs["lora-r4"]
+    models = [
+        {"method": m, "served_exact_match": 0.5, "trainer_exact_match": 0.5, "answers_differ": 0,
+         "answers": 6, "abs_loss_diff": 1e-6}
+        for m in ("ia3", "dora-r4")
+    ]
+    result = {"serving": {"models": models}}
+    assert served_summary(result, "ia3").startswith("yes: 0/6")
+    assert served_summary(result, "dora-r4").startswith("yes: 0/6")
+    assert served_summary(result, "dora-r1") == "not served"
+
+
+def test_adapted_model_makes_peft_dora_and_ia3(tmp_path) -> None:
+    """`adapted_model` gives PEFT's own DoRA (LoRA's config with use_dora) and IA3 (k, v, down;
+    down feed-forward) on a tiny LLaMA."""
+    from benchmarks.accuracy import adapted_model
+    from flora_vllm.testing.tiny import TinySpec, build_llama
+
+    base = build_llama(str(tmp_path / "m"), TinySpec(layers=1, hidden=128, intermediate=256))
+    dora, params = adapted_model("dora-r4", base, 0)
+    cfg = dora.peft_config["default"]
+    assert cfg.use_dora and cfg.r == 4 and cfg.lora_alpha == 8
+    assert any("lora_magnitude_vector" in n for n, p in dora.named_parameters() if p.requires_grad)
+    ia3, _ = adapted_model("ia3", base, 0)
+    cfg = ia3.peft_config["default"]
+    assert set(cfg.target_modules) == {"k_proj", "v_proj", "down_proj"}
+    assert set(cfg.feedforward_modules) == {"down_proj"}
