@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> str:
         for k in kinds:
             for i, name in enumerate(names[k]):
                 plan.adapters[name] = serving_bench.ensure_adapter(
-                    args.workdir, model_dir, targets, k, args.rank, i)
+                    args.workdir, model_dir, args.arch, k, args.rank, i)
         plans.append(plan)
     result: dict[str, Any] = {
         "kind": "workload", "tag": tag, "created": common.now_stamp(),
