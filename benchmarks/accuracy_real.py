@@ -735,7 +735,9 @@ def report(result: dict, cfg: Config) -> str:
         "(up to the first newline); loss = mean completion-token cross-entropy (teacher-forced, "
         "newline included).\n\n"
         f"{table(result)}\n\n"
-        "## Where FLoRA lags\n\n" + "".join(f"- {s}\n" for s in lag_sentences(result, cfg))
+        "## Where FLoRA lags\n\n"
+        + ("".join(f"- {s}\n" for s in lag_sentences(result, cfg))
+           or "- not compared: this run has no FLoRA and LoRA of the same rank.\n")
     )
     text += (
         "\n## Learning-rate choice (validation; acc teacher-forced = every completion token the "
