@@ -92,11 +92,11 @@ TARGETS = {"llama": tiny.LLAMA_TARGETS, "starcoder": tiny.STARCODER_TARGETS}
 ADAPTER_SEED = {  # + 1000·rank + index: distinct adapters
     "flora": 100_000, "lora": 200_000, "dora": 300_000, "ia3": 400_000,
 }
-# IA3 (target_modules, feedforward_modules): PEFT's LLaMA default; on StarCoder only PEFT's
-# feed-forward target, since the plugin refuses IA3 on a biased output-scaled module (c_attn).
+# IA3 (target_modules, feedforward_modules): PEFT's own defaults for LLaMA and GPTBigCode
+# (`c_attn` scales its output and its bias).
 IA3_TARGETS = {
     "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
-    "starcoder": (("mlp.c_proj",), ("mlp.c_proj",)),
+    "starcoder": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
 }
 RANKED_MODES = ("lora", "flora", "mixed", "dora")  # one run per rank (ia3 has no rank)
 
