@@ -106,6 +106,8 @@ def _step_counts(step: tuple[int, list[int]], n_tok: int) -> list[int]:
 
 _last_active: list = [None, None]  # (counts, slots with tokens)
 _last_ident: list = [None, None, None]  # (counts, max_loras, [T] slot or identity slot)
+_last_runs: list = [None, None, None]  # (counts, max_loras, runs or None)
+RUN_MIN_TOKENS = 16  # scale run by run when runs average at least this many tokens
 
 
 def _active_slots(counts: list[int]) -> list[int]:
@@ -174,6 +176,7 @@ class FLoRALinearMixin:
     flora_ranks: torch.Tensor  # [max_loras + 1, n_slices] int64, 0 = no FLoRA in slot/slice
     _flora_slots: set[int]  # slots holding a FLoRA adapter (host-side, no device sync)
     _keep_lora_slots: set[int]  # those among them whose LoRA weights apply too (DoRA)
+    _lora_slots: set[int]  # slots vLLM gave LoRA weights at this layer (`set_lora`)
     _flora_rank_host: list[list[int]]  # flora_ranks mirrored on the host, for planning
     _flora_tied: list[bool]  # per slot: rank <= 1 and one input scaling for every slice
     _flora_a_one: list[bool]  # per slot: tied, and that input scaling is 1 (IA3 on outputs, DoRA)
@@ -219,6 +222,7 @@ class FLoRALinearMixin:
         self.flora_ranks = torch.zeros(max_loras + 1, n_slices, dtype=torch.long, device=dev)
         self._flora_slots = set()
         self._keep_lora_slots = set()
+        self._lora_slots = set()
         self._flora_rank_host = [[0] * n_slices for _ in range(max_loras)]
         self._flora_tied = [True] * max_loras
         self._flora_a_one = [True] * max_loras
@@ -267,6 +271,17 @@ class FLoRALinearMixin:
     def flora_full_shapes(self) -> list[tuple[int, int]]:
         """(out_features, in_features) per slice as the adapter file stores them (unsharded)."""
         raise NotImplementedError
+
+    def set_lora(self, index: int, *args: object, **kwargs: object) -> None:
+        """vLLM's `set_lora`, remembering that slot `index` has LoRA weights here: a pass whose
+        adapters hold none at this layer (IA3 on other modules, FLoRA) skips punica."""
+        super().set_lora(index, *args, **kwargs)
+        self._lora_slots.add(index)
+
+    def reset_lora(self, index: int) -> None:
+        """vLLM's `reset_lora` (the slot's LoRA weights zeroed), forgetting slot `index`."""
+        self._lora_slots.discard(index)
+        super().reset_lora(index)
 
     def reset_flora(self, index: int) -> None:
         """Forget the FLoRA adapter of slot `index` (its tokens then see the base weight)."""
@@ -381,8 +396,9 @@ class FLoRALinearMixin:
         counts = self.step_counts(x2.shape[0])
         active = _active_slots(counts)
         present = [s for s in active if s in self._flora_slots]
-        lora_tokens = len(present) < len(active) or any(  # LoRA slots, or DoRA's LoRA part
-            s in self._keep_lora_slots for s in present
+        lora_tokens = any(  # LoRA weights here: a LoRA slot, or DoRA's LoRA part
+            s in self._lora_slots and (s not in self._flora_slots or s in self._keep_lora_slots)
+            for s in active
         )
         if not present:  # no FLoRA token in this pass: the base GEMM, LoRA only if some token has
             output = self.base_layer.quant_method.apply(self.base_layer, x2, bias)
@@ -456,6 +472,25 @@ class FLoRALinearMixin:
             _last_ident[:] = [counts, n_slots, ident]
         return _last_ident[2]
 
+    def _runs(self, counts: list[int], n_tok: int) -> list[tuple[int, int, int]] | None:
+        """(first token, end, slot) of each run of consecutive tokens on one slot (the identity
+        slot for plain and padded tokens), once per step; None when the runs are short (decode:
+        one token per request), where per-token gathers cost less than an op per run."""
+        n_slots = len(self._flora_version)
+        if _last_runs[0] is not counts or _last_runs[1] != n_slots:
+            runs = None
+            if n_tok >= RUN_MIN_TOKENS:
+                ident = self._identity_slots(counts, n_tok)
+                slots, lengths = torch.unique_consecutive(ident, return_counts=True)
+                if len(lengths) * RUN_MIN_TOKENS <= n_tok:
+                    ends = lengths.cumsum(0).tolist()
+                    runs = [
+                        (end - n, end, s)
+                        for end, n, s in zip(ends, lengths.tolist(), slots.tolist(), strict=True)
+                    ]
+            _last_runs[:] = [counts, n_slots, runs]
+        return _last_runs[2]
+
     # Inference only: its out= ops refuse autograd, and vLLM 0.29's weights require grad
     # outside the engine's inference mode (the layer tests call it there).
     @torch.no_grad()
@@ -470,30 +505,33 @@ class FLoRALinearMixin:
         per slice, i.e. the packed GEMM's multiply-adds plus one pass over the input (scaling)
         and one over the output (scaling, bias and the slices' placement, fused).
 
-        One adapter for every token: its rows broadcast (no gather). Input scalings all 1 (IA3
-        scaling outputs, DoRA): vLLM's packed GEMM on x as it is. Input scalings the same for
-        every slice of each adapter here (`_flora_tied`, checked at `set_flora`; plain tokens
-        too): one packed GEMM over the whole weight (vLLM's own). Otherwise one scaled copy of
-        the input per slice, in one op, and a GEMM per slice (vLLM's, on a packed copy of the
-        slice) whose output is scaled straight into its columns of the one result tensor.
-        Factors may be fp32 for a bf16 model: scaled rows round once to x's dtype before a GEMM,
-        and the output scaling (with the bias) runs in fp32 and rounds once."""
+        Tokens in long runs of one slot (one adapter for the pass; prefill chunks): each run's
+        rows broadcast over its tokens, in place (`_apply_rank1_runs`). Otherwise (decode) the
+        rows are gathered per token. Input scalings all 1 (IA3 scaling outputs, DoRA): vLLM's
+        packed GEMM on x as it is. Input scalings the same for every slice of each adapter here
+        (`_flora_tied`, checked at `set_flora`; plain tokens too): one packed GEMM over the whole
+        weight (vLLM's own). Otherwise one scaled copy of the input per slice, in one op, and a
+        GEMM per slice (vLLM's, on a packed copy of the slice) whose output is scaled straight
+        into its columns of the one result tensor. Factors may be fp32 for a bf16 model: scaled
+        rows round once to x's dtype before a GEMM, and the output scaling (with the bias) runs
+        in fp32 and rounds once."""
         n_tok = x2.shape[0]
-        single = len(present) == 1 and counts[present[0] + 1] == n_tok
-        if single:  # [n_slices, 1, in], [out]: broadcast over the tokens
-            a_rows, b_rows = self._a_rows[:, present[0]].unsqueeze(1), self._b_rows[present[0]]
-        else:  # [T] slot per token, the identity slot (last) for plain and padded tokens
-            ident = self._identity_slots(counts, n_tok)
-            a_rows, b_rows = None, _gather_rows("b", self._b_rows, 0, ident)  # [T, out]
+        if len(present) == 1 and counts[present[0] + 1] == n_tok:
+            return self._apply_rank1_runs(x2, bias, present, [(0, n_tok, present[0])])
+        runs = self._runs(counts, n_tok)
+        if runs is not None:
+            return self._apply_rank1_runs(x2, bias, present, runs)
+        ident = self._identity_slots(counts, n_tok)  # [T], the identity slot for plain tokens
+        b_rows = _gather_rows("b", self._b_rows, 0, ident)  # [T, out]
         if all(self._flora_a_one[s] for s in present):  # inputs unscaled (IA3 on outputs, DoRA)
             y = self._packed_gemm(x2)  # [T, out]
             return _scale_out(y, b_rows, bias, out=y)
         if len(self.output_slices) == 1 or all(self._flora_tied[s] for s in present):
-            a = a_rows[0] if single else _gather_rows("a", self._a_rows[0], 0, ident)  # [1|T, in]
-            y = self._packed_gemm(_scaled(x2, a, fresh=not single))  # [T, out]
+            a = _gather_rows("a", self._a_rows[0], 0, ident)  # [T, in]
+            y = self._packed_gemm(_scaled(x2, a, fresh=True))  # [T, out]
             return _scale_out(y, b_rows, bias, out=y)
-        a = a_rows if single else _gather_rows("a", self._a_rows, 1, ident)  # [n, 1|T, in]
-        xs = _scaled(x2, a, fresh=not single).unbind(0)  # n_slices x [T, in]
+        a = _gather_rows("a", self._a_rows, 1, ident)  # [n_slices, T, in]
+        xs = _scaled(x2, a, fresh=True).unbind(0)  # n_slices x [T, in]
         y = x2.new_empty(n_tok, self._b_rows.shape[1])  # [T, out]
         sizes = self.output_slices
         biases = [None] * len(sizes) if bias is None else bias.split(sizes)
@@ -501,6 +539,43 @@ class FLoRALinearMixin:
             self._slice_gemms, xs, b_rows.split(sizes, -1), biases, y.split(sizes, 1), strict=True
         ):
             _scale_out(gemm(x_i), b_i, bias_i, out=y_i)  # y_i: the slice's columns of y
+        return y
+
+    @torch.no_grad()
+    def _apply_rank1_runs(
+        self,
+        x2: torch.Tensor,
+        bias: torch.Tensor | None,
+        present: list[int],
+        runs: list[tuple[int, int, int]],
+    ) -> torch.Tensor:
+        """`_apply_rank1` for tokens in a few long runs of one slot each: every run's scaling
+        rows broadcast over its tokens, written in place, so no [T, in] / [T, out] gathered rows
+        are written and read again (on these CPUs each such pass over a prefill chunk's outputs
+        costs several percent of the GEMM)."""
+        a_tab, b_tab = self._a_rows, self._b_rows  # [n_slices, S + 1, in], [S + 1, out]
+        if all(self._flora_a_one[s] for s in present):
+            y = self._packed_gemm(x2)  # [T, out]
+        elif len(self.output_slices) == 1 or all(self._flora_tied[s] for s in present):
+            xs = _scratch("x", tuple(x2.shape), x2)  # [T, in]
+            for t0, t1, s in runs:
+                torch.mul(x2[t0:t1], a_tab[0, s], out=xs[t0:t1])
+            y = self._packed_gemm(xs)  # [T, out]
+        else:
+            n_slices = len(self.output_slices)
+            xs = _scratch("x", (n_slices, *x2.shape), x2)  # [n_slices, T, in]
+            for t0, t1, s in runs:  # every slice's scaled rows of the run in one op
+                torch.mul(x2[t0:t1], a_tab[:, s].unsqueeze(1), out=xs[:, t0:t1])
+            y = x2.new_empty(x2.shape[0], b_tab.shape[1])  # [T, out]
+            sizes, starts = self.output_slices, _starts(self.output_slices)
+            for gemm, x_i, start, size in zip(self._slice_gemms, xs, starts, sizes, strict=True):
+                y_i, b_i = gemm(x_i), b_tab[:, start : start + size]  # [T, size], [S + 1, size]
+                bias_i = None if bias is None else bias[start : start + size]
+                for t0, t1, s in runs:  # into the slice's columns of y
+                    _scale_out(y_i[t0:t1], b_i[s], bias_i, out=y[t0:t1, start : start + size])
+            return y
+        for t0, t1, s in runs:
+            _scale_out(y[t0:t1], b_tab[s], bias, out=y[t0:t1])
         return y
 
     def _apply_fused(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -807,6 +807,51 @@ def test_one_adapter_pass_broadcasts_its_rows(
     assert run({-1: 3, 0: 3, 3: 3}, "two adapters and plain tokens")
 
 
+@pytest.mark.parametrize("dtype", RANK1_DTYPES.values(), ids=RANK1_DTYPES.keys())
+@pytest.mark.parametrize("fam", FAMILIES, ids=FAMILY_IDS)
+def test_prefill_runs_scale_run_by_run(
+    env: Callable[[str], None], fam: Family, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokens in long runs of one slot (prefill chunks, one request after another): each run's
+    scaling rows broadcast in place, no per-token gather of a or b rows; equal to the dense layer
+    for untied, tied and IA3 (a = 1, scaled bias) adapters, plain runs and padded rows. Short
+    runs (decode) still gather."""
+    env("auto")
+    gen = torch.Generator().manual_seed(1700 + sum(map(ord, fam.name)))
+    weight, bias = _random_layer(fam, gen, dtype)
+    layer = build(fam, weight, bias)
+    wrapper, update = make_wrapper(True)
+    layer.set_mapping(wrapper)
+    adapters = {0: _flora(fam, 1, gen), 1: _tied(fam, gen), 2: _ia3(fam, gen),
+                3: _flora(fam, 1, gen, scale_bias=True)}
+    for slot, ad in adapters.items():
+        fill(layer, slot, ad)
+    gathers: list[str] = []
+    gather = layers.base._gather_rows
+    monkeypatch.setattr(
+        layers.base,
+        "_gather_rows",
+        lambda role, rows, dim, index: gathers.append(role) or gather(role, rows, dim, index),
+    )
+
+    def run(runs: list[tuple[int, int]], what: str, pad: int = 0, prefill: bool = True
+            ) -> list[str]:
+        gathers.clear()
+        slots = [s for s, n in runs for _ in range(n)]
+        check(fam, layer, wrapper, update, weight, bias, slots, adapters, prefill, gen, what, pad)
+        return [g for g in gathers if g in ("a", "b")]  # "d": the IA3 bias rows, once
+
+    assert run([(0, 32), (3, 32)], "two requests' prefill chunks") == []
+    monkeypatch.setattr(layers.base, "RUN_MIN_TOKENS", 4)  # more runs within the test's 64 rows
+    assert run([(0, 6), (-1, 5), (3, 7), (0, 4)], "untied runs, plain run", pad=3) == []
+    assert run([(1, 4), (-1, 6), (1, 5)], "tied runs") == []
+    assert run([(2, 8), (-1, 4), (2, 9)], "IA3 runs (a = 1)") == []
+    assert run([(2, 4), (1, 5), (3, 4), (0, 6)], "every kind in runs") == []
+    assert run([(2, 12)], "one IA3 adapter for every token") == []
+    decode = [(s, 1) for s in (0, 1, 2, 3, -1) * 4]  # one token per request: 20 short runs
+    assert run(decode, "short runs gather", prefill=False) == ["b", "a"]
+
+
 @pytest.mark.parametrize("fam", FAMILIES, ids=FAMILY_IDS)
 def test_rank1_output_owns_its_memory(
     env: Callable[[str], None], fam: Family, monkeypatch: pytest.MonkeyPatch

@@ -139,6 +139,7 @@ class _Routed:
     ) -> None:
         self._flora_slots = flora_slots
         self._keep_lora_slots = set(keep_lora)  # DoRA slots: their LoRA part applies too
+        self._lora_slots = {1} | set(keep_lora)  # slots vLLM gave LoRA weights here (set_lora)
         self._bias_slots: set[int] = set()  # no slot scales the bias (IA3 on biased modules)
         self._bias_delta = None  # the layer has no bias
         self._counts = counts  # None: step_counts must not be read
@@ -179,8 +180,14 @@ class _Routed:
         (True, True, None, ["fused", "lora"]),  # captured/traced: no host-side branch at all
         (False, False, [3, 0, 0], ["base"]),
         (False, False, [1, 2, 0], ["torch"]),
+        # slot 2 holds an adapter with no weights at this layer (IA3 on k/v/down, here o_proj):
+        # its tokens get the base output and no punica op
+        (False, False, [1, 0, 0, 2], ["base"]),
+        (True, False, [1, 0, 0, 2], ["base"]),
+        (False, False, [0, 1, 1, 1], ["torch", "lora"]),
     ],
-    ids=["plain", "lora-only", "flora", "mixed", "graph", "cpu-plain", "cpu-flora"],
+    ids=["plain", "lora-only", "flora", "mixed", "graph", "cpu-plain", "cpu-flora",
+         "cpu-unweighted", "unweighted", "cpu-flora-lora-unweighted"],
 )
 def test_layer_routes_each_pass_to_its_work(monkeypatch, fused, in_graph, counts, expected):
     from flora_vllm.layers import base as layers
