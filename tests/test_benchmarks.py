@@ -339,6 +339,34 @@ def test_tenants_engine_smoke(tmp_path: Path) -> None:
     assert all(len(v) == 1 and v[0] > 0 for v in result["reps"].values())
     assert result["summary"]["over_1_distinct"]["1"] == 1.0
 
+@pytest.mark.slow
+def test_engine_breakdown_smoke(tmp_path: Path) -> None:
+    """vLLM's engine in-process on the tiny LLaMA, per adapter kind: every section timed where
+    that kind's layers run it, and no punica op for IA3 (no LoRA weights in any slot)."""
+    results = tmp_path / "results"
+    run_script(
+        [
+            "benchmarks/engine_breakdown.py", "--tiny", "--modes", "plain", "flora", "ia3",
+            "lora", "--num-adapters", "2", "--prompts", "8", "--input-len", "32",
+            "--output-len", "4", "--max-num-seqs", "8", "--reps", "1",
+            "--workdir", str(tmp_path / "work"), "--results-dir", str(results),
+            "--tag", "smoke", "--no-plot",
+        ],  # fmt: skip
+        timeout=900,
+    )
+    result = json.loads((results / "smoke.json").read_text())
+    modes = result["modes"]
+    assert result["kind"] == "engine_breakdown"
+    assert set(modes) == {"plain", "flora", "ia3", "lora"}
+    assert all(m["tok_s"][0] > 0 and m["tokens"] == 8 * 4 for m in modes.values())
+    assert modes["plain"]["calls"] == {}  # its linears run inside vLLM's compiled graph
+    assert modes["flora"]["calls"]["slice_gemm"] > 0 and modes["flora"]["calls"]["scale_out"] > 0
+    assert "lora_on_output" not in modes["flora"]["calls"]
+    assert "lora_on_output" not in modes["ia3"]["calls"]  # IA3 holds no LoRA weights
+    assert modes["lora"]["calls"]["lora_on_output"] > 0
+    assert result["summary"]["plain"]["over_plain"] == 1.0
+
+
 def test_policy_bench_smoke(tmp_path):
     """The execution-policy layer benchmark runs end to end and records every cell."""
     from benchmarks import policy_bench
