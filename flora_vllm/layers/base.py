@@ -178,10 +178,12 @@ class FLoRALinearMixin:
     _keep_lora_slots: set[int]  # those among them whose LoRA weights apply too (DoRA)
     _lora_slots: set[int]  # slots vLLM gave LoRA weights at this layer (`set_lora`)
     _flora_rank_host: list[list[int]]  # flora_ranks mirrored on the host, for planning
-    _flora_tied: list[bool]  # per slot: rank <= 1 and one input scaling for every slice
-    _flora_a_one: list[bool]  # per slot: tied, and that input scaling is 1 (IA3 on outputs, DoRA)
+    _high_rank_slots: set[int]  # FLoRA slots of rank > 1 on some slice
+    _untied_slots: set[int]  # FLoRA slots whose input scalings differ between slices (or rank > 1)
+    _scaled_in_slots: set[int]  # FLoRA slots with an input scaling other than 1 (not IA3 / DoRA)
     _a_rows: torch.Tensor  # [n_slices, max_loras + 1, in] rank row 0 of flora_a (a view)
     _b_rows: torch.Tensor  # [max_loras + 1, out] rank row 0 of flora_b, slices side by side
+    _b_slices: list[torch.Tensor]  # per slice [max_loras + 1, out_slice]: its columns of _b_rows
     _flora_version: list[int]  # bumped whenever a slot changes: keys the merged-weight cache
     _flora_uid: int  # this layer in those keys (a counter: id() may recur after a layer dies)
     _bias_delta: torch.Tensor | None  # [max_loras + 1, out] (l - 1) ∘ bias per slot (IA3), or
@@ -214,6 +216,7 @@ class FLoRALinearMixin:
         a_all[0] = 1  # identity rows
         b_all[0] = 1
         self._a_rows, self._b_rows = a_all[0], b_all[0]
+        self._b_slices = list(self._b_rows.split(list(self.output_slices), dim=1))
         self.flora_a = [a_all[:, i].transpose(0, 1) for i in range(n_slices)]
         self.flora_b = [
             b_all[:, :, start : start + out].transpose(0, 1)
@@ -224,8 +227,7 @@ class FLoRALinearMixin:
         self._keep_lora_slots = set()
         self._lora_slots = set()
         self._flora_rank_host = [[0] * n_slices for _ in range(max_loras)]
-        self._flora_tied = [True] * max_loras
-        self._flora_a_one = [True] * max_loras
+        self._high_rank_slots, self._untied_slots, self._scaled_in_slots = set(), set(), set()
         self._flora_version = [0] * max_loras
         self._flora_uid = next(_layer_uids)
         bias = self.base_layer.bias
@@ -294,8 +296,8 @@ class FLoRALinearMixin:
         self._flora_slots.discard(index)
         self._keep_lora_slots.discard(index)
         self._flora_rank_host[index] = [0] * len(self.output_slices)
-        self._flora_tied[index] = True
-        self._flora_a_one[index] = True
+        for kind in (self._high_rank_slots, self._untied_slots, self._scaled_in_slots):
+            kind.discard(index)  # an empty slot is the identity: rank 1, tied, unscaled
         if self._bias_delta is not None:
             self._bias_delta[index] = 0
         self._bias_slots.discard(index)
@@ -338,10 +340,14 @@ class FLoRALinearMixin:
             if keep_lora:
                 self._keep_lora_slots.add(index)
         rows = self._a_rows[:, index]  # [n_slices, in]: every slice's input scaling, rank row 0
-        self._flora_tied[index] = max(self._flora_rank_host[index]) <= 1 and bool(
-            (rows == rows[:1]).all()
-        )
-        self._flora_a_one[index] = self._flora_tied[index] and bool((rows[0] == 1).all())
+        high_rank = max(self._flora_rank_host[index]) > 1
+        if high_rank:
+            self._high_rank_slots.add(index)
+        if high_rank or not bool((rows == rows[:1]).all()):
+            self._untied_slots.add(index)
+            self._scaled_in_slots.add(index)
+        elif not bool((rows[0] == 1).all()):
+            self._scaled_in_slots.add(index)
 
     @torch.no_grad()  # vLLM 0.29's bias requires grad outside the engine's inference mode
     def _set_bias_scale(self, index: int, scales: list[torch.Tensor | None]) -> None:
@@ -364,27 +370,39 @@ class FLoRALinearMixin:
                 ].float()
         self._bias_slots.add(index)
 
-    @torch.no_grad()  # inference only, like `_apply_rank1`: its out= gather refuses autograd
     def _add_bias_delta(
-        self, output: torch.Tensor, counts: list[int] | None, present: list[int]
+        self,
+        output: torch.Tensor,
+        counts: list[int] | None,
+        present: list[int],
     ) -> torch.Tensor:
         """output += this pass's slots' (l - 1) ∘ bias rows (IA3's scaled bias); counts None:
-        under CUDA-graph capture, always (the device slots decide, no host branch)."""
+        under CUDA-graph capture, always (the device slots decide, no host branch). Tokens in
+        long runs of one slot (prefill) add their slot's row per run, without a gather."""
         delta = self._bias_delta
         if counts is None:
             slots = slots_buffer(self.punica_wrapper)[: output.shape[0]]
             return output.add_(delta[torch.remainder(slots, delta.shape[0])])
-        if not any(s in self._bias_slots for s in present):
+        if self._bias_slots.isdisjoint(present):
             return output
         n_tok = output.shape[0]
         if len(present) == 1 and counts[present[0] + 1] == n_tok:
             return output.add_(delta[present[0]])
+        runs = self._runs(counts, n_tok)
+        if runs is not None:
+            for t0, t1, s in runs:
+                if s in self._bias_slots:
+                    output[t0:t1].add_(delta[s])
+            return output
         rows = _gather_rows("d", delta, 0, self._identity_slots(counts, n_tok))  # [T, out]
         return output.add_(rows)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling():  # one opaque node; its body runs this method eagerly
             return opaque.call(self._opaque_key, x, bias)
+        if torch.is_grad_enabled():  # outside vLLM's inference mode (layer tests; vLLM 0.29's
+            with torch.no_grad():  # weights require grad there): the out= ops refuse autograd
+                return FLoRALinearMixin.apply(self, x, bias)
         x2 = x.flatten(0, -2) if x.ndim == 3 else x  # [T, in]
         fused = _runs_fused(x2)
         if fused and _in_graph(x2):  # CUDA graph capture: no host-side branch, the kernel decides
@@ -395,10 +413,11 @@ class FLoRALinearMixin:
             return output.reshape(*x.shape[:-1], output.shape[-1])
         counts = self.step_counts(x2.shape[0])
         active = _active_slots(counts)
-        present = [s for s in active if s in self._flora_slots]
-        lora_tokens = any(  # LoRA weights here: a LoRA slot, or DoRA's LoRA part
-            s in self._lora_slots and (s not in self._flora_slots or s in self._keep_lora_slots)
-            for s in active
+        flora = self._flora_slots
+        present = [s for s in active if s in flora] if flora else []
+        lora_here = self._lora_slots.intersection(active)  # LoRA weights here: a LoRA slot,
+        lora_tokens = bool(lora_here) and (  # or DoRA's LoRA part
+            not lora_here <= flora or not lora_here.isdisjoint(self._keep_lora_slots)
         )
         if not present:  # no FLoRA token in this pass: the base GEMM, LoRA only if some token has
             output = self.base_layer.quant_method.apply(self.base_layer, x2, bias)
@@ -423,7 +442,7 @@ class FLoRALinearMixin:
         slice, higher ranks per segment (expanded rows or a merged weight, as the execution
         policy picks)."""
         execution = get_config().execution
-        if execution != "merged" and all(max(self._flora_rank_host[s]) <= 1 for s in present):
+        if execution != "merged" and self._high_rank_slots.isdisjoint(present):
             return self._apply_rank1(x2, bias, counts, present)
         n_tok = x2.shape[0]
         slots = self._token_slots(n_tok)  # [T], -1 = no adapter
@@ -491,9 +510,6 @@ class FLoRALinearMixin:
             _last_runs[:] = [counts, n_slots, runs]
         return _last_runs[2]
 
-    # Inference only: its out= ops refuse autograd, and vLLM 0.29's weights require grad
-    # outside the engine's inference mode (the layer tests call it there).
-    @torch.no_grad()
     def _apply_rank1(
         self,
         x2: torch.Tensor,
@@ -509,31 +525,32 @@ class FLoRALinearMixin:
         rows broadcast over its tokens, in place (`_apply_rank1_runs`). Otherwise (decode) the
         rows are gathered per token. Input scalings all 1 (IA3 scaling outputs, DoRA): vLLM's
         packed GEMM on x as it is. Input scalings the same for every slice of each adapter here
-        (`_flora_tied`, checked at `set_flora`; plain tokens too): one packed GEMM over the whole
-        weight (vLLM's own). Otherwise one scaled copy of the input per slice, in one op, and a
-        GEMM per slice (vLLM's, on a packed copy of the slice) whose output is scaled straight
-        into its columns of the one result tensor. Factors may be fp32 for a bf16 model: scaled
-        rows round once to x's dtype before a GEMM, and the output scaling (with the bias) runs
-        in fp32 and rounds once."""
+        (not in `_untied_slots`, checked at `set_flora`; plain tokens too): one packed GEMM over
+        the whole weight (vLLM's own). Otherwise one scaled copy of the input per slice, in one
+        op, and a GEMM per slice (vLLM's, on a packed copy of the slice) whose output is scaled
+        straight into its columns of the one result tensor. Factors may be fp32 for a bf16
+        model: scaled rows round once to x's dtype before a GEMM, and the output scaling (with
+        the bias) runs in fp32 and rounds once."""
         n_tok = x2.shape[0]
         if len(present) == 1 and counts[present[0] + 1] == n_tok:
-            return self._apply_rank1_runs(x2, bias, present, [(0, n_tok, present[0])])
-        runs = self._runs(counts, n_tok)
+            runs = [(0, n_tok, present[0])]
+        else:
+            runs = self._runs(counts, n_tok)
         if runs is not None:
             return self._apply_rank1_runs(x2, bias, present, runs)
         ident = self._identity_slots(counts, n_tok)  # [T], the identity slot for plain tokens
         b_rows = _gather_rows("b", self._b_rows, 0, ident)  # [T, out]
-        if all(self._flora_a_one[s] for s in present):  # inputs unscaled (IA3 on outputs, DoRA)
+        if self._scaled_in_slots.isdisjoint(present):  # inputs unscaled (IA3 on outputs, DoRA)
             y = self._packed_gemm(x2)  # [T, out]
             return _scale_out(y, b_rows, bias, out=y)
-        if len(self.output_slices) == 1 or all(self._flora_tied[s] for s in present):
+        if len(self.output_slices) == 1 or self._untied_slots.isdisjoint(present):
             a = _gather_rows("a", self._a_rows[0], 0, ident)  # [T, in]
             y = self._packed_gemm(_scaled(x2, a, fresh=True))  # [T, out]
             return _scale_out(y, b_rows, bias, out=y)
         a = _gather_rows("a", self._a_rows, 1, ident)  # [n_slices, T, in]
-        xs = _scaled(x2, a, fresh=True).unbind(0)  # n_slices x [T, in]
-        y = x2.new_empty(n_tok, self._b_rows.shape[1])  # [T, out]
+        xs = _scaled(x2, a, fresh=True)  # [n_slices, T, in]
         sizes = self.output_slices
+        y = x2.new_empty(n_tok, self._b_rows.shape[1])  # [T, out]
         biases = [None] * len(sizes) if bias is None else bias.split(sizes)
         for gemm, x_i, b_i, bias_i, y_i in zip(
             self._slice_gemms, xs, b_rows.split(sizes, -1), biases, y.split(sizes, 1), strict=True
@@ -541,7 +558,6 @@ class FLoRALinearMixin:
             _scale_out(gemm(x_i), b_i, bias_i, out=y_i)  # y_i: the slice's columns of y
         return y
 
-    @torch.no_grad()
     def _apply_rank1_runs(
         self,
         x2: torch.Tensor,
@@ -552,30 +568,50 @@ class FLoRALinearMixin:
         """`_apply_rank1` for tokens in a few long runs of one slot each: every run's scaling
         rows broadcast over its tokens, written in place, so no [T, in] / [T, out] gathered rows
         are written and read again (on these CPUs each such pass over a prefill chunk's outputs
-        costs several percent of the GEMM)."""
+        costs several percent of the GEMM). One run (the whole pass on one adapter, a single
+        decode token included) indexes no token range: the Python per call is what T=1 costs."""
         a_tab, b_tab = self._a_rows, self._b_rows  # [n_slices, S + 1, in], [S + 1, out]
-        if all(self._flora_a_one[s] for s in present):
+        whole = len(runs) == 1
+        if self._scaled_in_slots.isdisjoint(present):
             y = self._packed_gemm(x2)  # [T, out]
-        elif len(self.output_slices) == 1 or all(self._flora_tied[s] for s in present):
+        elif len(self.output_slices) == 1 or self._untied_slots.isdisjoint(present):
             xs = _scratch("x", tuple(x2.shape), x2)  # [T, in]
-            for t0, t1, s in runs:
-                torch.mul(x2[t0:t1], a_tab[0, s], out=xs[t0:t1])
+            if whole:
+                torch.mul(x2, a_tab[0, runs[0][2]], out=xs)
+            else:
+                for t0, t1, s in runs:
+                    torch.mul(x2[t0:t1], a_tab[0, s], out=xs[t0:t1])
             y = self._packed_gemm(xs)  # [T, out]
         else:
-            n_slices = len(self.output_slices)
-            xs = _scratch("x", (n_slices, *x2.shape), x2)  # [n_slices, T, in]
-            for t0, t1, s in runs:  # every slice's scaled rows of the run in one op
-                torch.mul(x2[t0:t1], a_tab[:, s].unsqueeze(1), out=xs[:, t0:t1])
-            y = x2.new_empty(x2.shape[0], b_tab.shape[1])  # [T, out]
-            sizes, starts = self.output_slices, _starts(self.output_slices)
-            for gemm, x_i, start, size in zip(self._slice_gemms, xs, starts, sizes, strict=True):
-                y_i, b_i = gemm(x_i), b_tab[:, start : start + size]  # [T, size], [S + 1, size]
-                bias_i = None if bias is None else bias[start : start + size]
-                for t0, t1, s in runs:  # into the slice's columns of y
-                    _scale_out(y_i[t0:t1], b_i[s], bias_i, out=y[t0:t1, start : start + size])
-            return y
+            return self._apply_rank1_runs_slices(x2, bias, runs)
+        if whole:
+            return _scale_out(y, b_tab[runs[0][2]], bias, out=y)
         for t0, t1, s in runs:
             _scale_out(y[t0:t1], b_tab[s], bias, out=y[t0:t1])
+        return y
+
+    def _apply_rank1_runs_slices(
+        self, x2: torch.Tensor, bias: torch.Tensor | None, runs: list[tuple[int, int, int]]
+    ) -> torch.Tensor:
+        """`_apply_rank1_runs` where the slices' input scalings differ: every slice's scaled
+        input rows of a run in one op, a GEMM per slice, its output scaled into its columns."""
+        a_tab, sizes = self._a_rows, self.output_slices  # a_tab: [n_slices, S + 1, in]
+        xs = _scratch("x", (len(sizes), *x2.shape), x2)  # [n_slices, T, in]
+        y = x2.new_empty(x2.shape[0], self._b_rows.shape[1])  # [T, out]
+        biases = [None] * len(sizes) if bias is None else bias.split(sizes)
+        parts = zip(self._slice_gemms, xs, self._b_slices, biases, y.split(sizes, 1), strict=True)
+        if len(runs) == 1:  # the whole pass on one slot: no token ranges
+            s = runs[0][2]
+            torch.mul(x2, a_tab[:, s : s + 1], out=xs)  # [n_slices, 1, in] over every token
+            for gemm, x_i, b_i, bias_i, y_i in parts:
+                _scale_out(gemm(x_i), b_i[s], bias_i, out=y_i)
+            return y
+        for t0, t1, s in runs:  # every slice's scaled rows of the run in one op
+            torch.mul(x2[t0:t1], a_tab[:, s : s + 1], out=xs[:, t0:t1])
+        for gemm, x_i, b_i, bias_i, y_i in parts:
+            out_i = gemm(x_i)  # [T, size]
+            for t0, t1, s in runs:  # into the slice's columns of y
+                _scale_out(out_i[t0:t1], b_i[s], bias_i, out=y_i[t0:t1])
         return y
 
     def _apply_fused(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

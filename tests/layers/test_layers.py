@@ -741,7 +741,7 @@ def test_tied_input_scalings_run_one_packed_gemm(
     adapters[3] = _lora(fam, 1, gen)
     for slot, ad in adapters.items():
         fill(layer, slot, ad)
-    assert layer._flora_tied[:3] == [True, True, False]
+    assert layer._untied_slots == {2}
     calls = _spy_gemms(layer)
 
     def run(groups: dict[int, int], what: str, pad: int = 0) -> list[str]:
@@ -756,16 +756,16 @@ def test_tied_input_scalings_run_one_packed_gemm(
     assert run({0: 3, 2: 3}, "tied + untied") == slice_calls
     fill(layer, 1, adapters[2])  # slot 1 refilled with the untied adapter: its flag follows
     adapters[1] = adapters[2]
-    assert layer._flora_tied[1] is False
+    assert layer._untied_slots == {1, 2}
     assert run({-1: 2, 1: 4}, "refilled untied slot") == slice_calls
     fill(layer, 2, None)
     del adapters[2]
-    assert layer._flora_tied[2] is True  # an empty slot is the identity: tied
+    assert layer._untied_slots == {1}  # an empty slot is the identity: tied
     skip_last = _flora(fam, 1, gen, skip=len(fam.slices) - 1)  # a bare slice keeps scaling 1
     skip_last.a[:-1] = [torch.ones(1, fam.in_size)] * (len(fam.slices) - 1)  # so: tied
     fill(layer, 2, skip_last)
     adapters[2] = skip_last
-    assert layer._flora_tied[2] is True
+    assert layer._untied_slots == {1}
     assert run({0: 3, 2: 3}, "tied + identity input scalings") == ["packed"]
 
 
@@ -839,7 +839,7 @@ def test_prefill_runs_scale_run_by_run(
         gathers.clear()
         slots = [s for s, n in runs for _ in range(n)]
         check(fam, layer, wrapper, update, weight, bias, slots, adapters, prefill, gen, what, pad)
-        return [g for g in gathers if g in ("a", "b")]  # "d": the IA3 bias rows, once
+        return list(gathers)  # "a", "b": scaling rows; "d": scaled-bias rows (IA3, scale_bias)
 
     assert run([(0, 32), (3, 32)], "two requests' prefill chunks") == []
     monkeypatch.setattr(layers.base, "RUN_MIN_TOKENS", 4)  # more runs within the test's 64 rows
@@ -848,8 +848,10 @@ def test_prefill_runs_scale_run_by_run(
     assert run([(2, 8), (-1, 4), (2, 9)], "IA3 runs (a = 1)") == []
     assert run([(2, 4), (1, 5), (3, 4), (0, 6)], "every kind in runs") == []
     assert run([(2, 12)], "one IA3 adapter for every token") == []
+    assert run([(0, 12)], "one untied adapter for every token") == []
+    assert run([(3, 1)], "one token, scaled bias", prefill=False) == []
     decode = [(s, 1) for s in (0, 1, 2, 3, -1) * 4]  # one token per request: 20 short runs
-    assert run(decode, "short runs gather", prefill=False) == ["b", "a"]
+    assert run(decode, "short runs gather", prefill=False)[:2] == ["b", "a"]
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=FAMILY_IDS)
