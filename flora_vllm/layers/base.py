@@ -371,10 +371,7 @@ class FLoRALinearMixin:
         self._bias_slots.add(index)
 
     def _add_bias_delta(
-        self,
-        output: torch.Tensor,
-        counts: list[int] | None,
-        present: list[int],
+        self, output: torch.Tensor, counts: list[int] | None, present: list[int]
     ) -> torch.Tensor:
         """output += this pass's slots' (l - 1) ∘ bias rows (IA3's scaled bias); counts None:
         under CUDA-graph capture, always (the device slots decide, no host branch). Tokens in
@@ -386,9 +383,7 @@ class FLoRALinearMixin:
         if self._bias_slots.isdisjoint(present):
             return output
         n_tok = output.shape[0]
-        if len(present) == 1 and counts[present[0] + 1] == n_tok:
-            return output.add_(delta[present[0]])
-        runs = self._runs(counts, n_tok)
+        runs = self._pass_runs(counts, present, n_tok)
         if runs is not None:
             for t0, t1, s in runs:
                 if s in self._bias_slots:
@@ -510,6 +505,15 @@ class FLoRALinearMixin:
             _last_runs[:] = [counts, n_slots, runs]
         return _last_runs[2]
 
+    def _pass_runs(
+        self, counts: list[int], present: list[int], n_tok: int
+    ) -> list[tuple[int, int, int]] | None:
+        """The pass as runs of one slot: one run when a single adapter has every token (any T),
+        else the step's long runs (`_runs`), or None (short runs: gather per token)."""
+        if len(present) == 1 and counts[present[0] + 1] == n_tok:
+            return [(0, n_tok, present[0])]
+        return self._runs(counts, n_tok)
+
     def _apply_rank1(
         self,
         x2: torch.Tensor,
@@ -532,10 +536,7 @@ class FLoRALinearMixin:
         model: scaled rows round once to x's dtype before a GEMM, and the output scaling (with
         the bias) runs in fp32 and rounds once."""
         n_tok = x2.shape[0]
-        if len(present) == 1 and counts[present[0] + 1] == n_tok:
-            runs = [(0, n_tok, present[0])]
-        else:
-            runs = self._runs(counts, n_tok)
+        runs = self._pass_runs(counts, present, n_tok)
         if runs is not None:
             return self._apply_rank1_runs(x2, bias, present, runs)
         ident = self._identity_slots(counts, n_tok)  # [T], the identity slot for plain tokens
